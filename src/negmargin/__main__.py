@@ -1,0 +1,3 @@
+from negmargin.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,45 @@
+"""`negmargin <verb>`: thin command-line wrappers over the package's functions.
+
+A user error (bad path, bad argument, wrong checkpoint) is printed as one line naming the problem,
+with exit status 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from negmargin import __version__
+from negmargin.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from negmargin import core_commands
+    from negmargin.data import commands as data_commands
+    from negmargin.reporting import commands as reporting_commands
+
+    parser = argparse.ArgumentParser(
+        prog="negmargin",
+        description="Negative-margin few-shot classification: prepare data, train, extract features, "
+        "meta-test, analyse and report.",
+    )
+    parser.add_argument("--version", action="version", version=f"negmargin {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="VERB")
+    data_commands.register(subparsers)
+    core_commands.register(subparsers)
+    reporting_commands.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as exc:
+        print(f"negmargin {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"negmargin {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,1 @@
+"""Datasets: the prepared-split store, input pipelines, download and preparation."""

@@ -1,0 +1,1 @@
+"""Results tables, margin-analysis plots and the run summary."""
