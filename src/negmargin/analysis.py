@@ -1,0 +1,287 @@
+"""The paper's margin analysis (spec section 6): base-class accuracy, feature discriminability, and the
+aggregation of per-seed numbers into a mean and a 95% confidence interval.
+
+Definitions (see docs/analysis.md):
+
+* discriminability, on L2-normalised features f with class means mu_i over C classes:
+  inter = mean over pairs i < j of ||mu_i - mu_j||^2,
+  intra = mean over classes of the mean over the class's samples of ||f - mu_i||^2,
+  ratio = inter / intra.
+* base accuracy: top-1 accuracy (%) of the trained head (no margin at inference) on ``base_holdout``
+  features, with a 95% CI from the normal approximation of the binomial, 1.96 * sqrt(p (1 - p) / n).
+* across seeds: mean and Student-t half-width t_{0.975, n-1} * s / sqrt(n), s with ddof=1; with fewer than two
+  seeds the CI is None (unknown), never 0.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from negmargin.errors import UserError
+
+ANALYSIS_FORMAT = "negmargin-analysis/1"
+Z_95 = 1.959963984540054
+
+# t_{0.975, df} for df = 1..30 (two-sided 95%), used when scipy is not installed.
+_T_975 = (
+    12.706204736, 4.302652730, 3.182446305, 2.776445105, 2.570581836, 2.446911851, 2.364624252,
+    2.306004135, 2.262157163, 2.228138852, 2.200985160, 2.178812830, 2.160368656, 2.144786688,
+    2.131449546, 2.119905299, 2.109815578, 2.100922040, 2.093024054, 2.085963447, 2.079613845,
+    2.073873068, 2.068657610, 2.063898562, 2.059538553, 2.055529439, 2.051830516, 2.048407142,
+    2.045229642, 2.042272456,
+)
+
+
+# --------------------------------------------------------------------------------------------------- features
+
+
+def load_features(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read a feature file (``features`` [N, D], ``labels`` [N], ``class_names`` [C]); UserError if malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: feature file not found")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except Exception as exc:  # zipfile/numpy raise many kinds: all mean "not a readable .npz"
+        raise UserError(f"{path}: not a readable .npz file ({type(exc).__name__})") from None
+    missing = [key for key in ("features", "labels", "class_names") if key not in arrays]
+    if missing:
+        raise UserError(f"{path}: missing arrays {missing} (expected features, labels, class_names)")
+    features, labels = arrays["features"], arrays["labels"]
+    if features.ndim != 2 or labels.ndim != 1 or len(features) != len(labels):
+        raise UserError(f"{path}: expected features [N, D] and labels [N], got {features.shape} and {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"{path}: labels must be integers, got {labels.dtype}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= len(arrays["class_names"])):
+        raise UserError(f"{path}: labels outside 0..{len(arrays['class_names']) - 1} (the class_names)")
+    return {
+        "features": features.astype(np.float32, copy=False),
+        "labels": labels.astype(np.int64, copy=False),
+        "class_names": arrays["class_names"].astype(str),
+    }
+
+
+def l2_normalize(features: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    norms = np.linalg.norm(features, axis=1, keepdims=True)
+    return features / np.maximum(norms, eps)
+
+
+def discriminability(features: np.ndarray, labels: np.ndarray) -> dict[str, float | None]:
+    """Inter- and intra-class variance of L2-normalised features and their ratio (inter / intra).
+
+    Vectorised in O(N·D): class means come from one sorted ``reduceat``; the pairwise term uses
+    sum_{i<j} ||mu_i - mu_j||^2 = C * sum_i ||mu_i||^2 - ||sum_i mu_i||^2, and the per-class spread uses
+    mean ||f - mu||^2 = mean ||f||^2 - ||mu||^2. ``ratio`` is None when intra is 0 (every class a point).
+    """
+    features = np.asarray(features)
+    labels = np.asarray(labels)
+    if features.ndim != 2 or labels.shape != (len(features),):
+        raise UserError(f"discriminability needs features [N, D] and labels [N], got {features.shape}, {labels.shape}")
+    classes, counts = np.unique(labels, return_counts=True)
+    if len(classes) < 2:
+        raise UserError(f"discriminability needs at least 2 classes, got {len(classes)}")
+    order = np.argsort(labels, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    # One float32 copy of the features, grouped by class and normalised in place; sums accumulate in float64.
+    sorted_unit = features[order].astype(np.float32)
+    sorted_unit /= np.maximum(np.linalg.norm(sorted_unit, axis=1, keepdims=True), 1e-12)
+    means = np.add.reduceat(sorted_unit, starts, axis=0, dtype=np.float64) / counts[:, None]
+    sample_sq_norms = np.einsum("nd,nd->n", sorted_unit, sorted_unit, dtype=np.float64)
+    mean_sq_norm = np.add.reduceat(sample_sq_norms, starts) / counts
+
+    n_classes = len(classes)
+    mean_norms_sq = np.einsum("cd,cd->c", means, means)
+    mean_sum = means.sum(axis=0)
+    pair_sum = n_classes * mean_norms_sq.sum() - float(mean_sum @ mean_sum)
+    inter = max(pair_sum, 0.0) / (n_classes * (n_classes - 1) / 2)
+    intra = float(np.clip(mean_sq_norm - mean_norms_sq, 0.0, None).mean())
+    return {"inter": float(inter), "intra": intra, "ratio": float(inter / intra) if intra > 0 else None}
+
+
+# --------------------------------------------------------------------------------------------- base accuracy
+
+
+def binomial_ci95(correct: int, total: int) -> float:
+    """Half-width (in %) of the normal-approximation 95% CI of an accuracy: 1.96 * sqrt(p (1 - p) / n)."""
+    p = correct / total
+    return 100.0 * Z_95 * math.sqrt(p * (1.0 - p) / total)
+
+
+@torch.no_grad()
+def base_accuracy(head: torch.nn.Module, features: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
+                  batch_size: int = 8192) -> dict[str, float | int]:
+    """Top-1 accuracy (%) of the trained head's argmax, without margin, and its binomial 95% CI half-width.
+
+    ``labels`` are indices into the head's classes (``base_holdout`` keeps the label order of ``base``).
+    """
+    features = torch.as_tensor(np.asarray(features), dtype=torch.float32)
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    if len(labels) == 0:
+        raise UserError("base accuracy needs at least one sample")
+    num_classes = int(head.weight.shape[0])
+    if features.ndim != 2 or features.shape[1] != head.weight.shape[1]:
+        raise UserError(f"features of shape {tuple(features.shape)} do not fit a head of width {head.weight.shape[1]}")
+    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+        raise UserError(f"labels outside 0..{num_classes - 1}: these are not the head's base classes")
+    was_training = head.training
+    head.eval()
+    device = head.weight.device
+    correct = 0
+    for start in range(0, len(labels), batch_size):
+        logits = head(features[start:start + batch_size].to(device))
+        correct += int((logits.argmax(dim=1).cpu() == labels[start:start + batch_size]).sum())
+    head.train(was_training)
+    total = len(labels)
+    return {"accuracy": 100.0 * correct / total, "ci95": binomial_ci95(correct, total), "n": total}
+
+
+# ---------------------------------------------------------------------------------------------------- analyze
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A ``.pt`` path as is; a ``selected_<k>shot.json`` selection file gives its ``checkpoint`` entry."""
+    path = Path(path)
+    if path.suffix != ".json":
+        return path
+    from negmargin.io import read_json
+
+    selection = read_json(path)
+    if not isinstance(selection, dict) or "checkpoint" not in selection:
+        raise UserError(f"{path}: not a selection file (no 'checkpoint' key)")
+    target = Path(selection["checkpoint"])
+    if not target.is_absolute() and not target.exists() and (path.parent / target).exists():
+        target = path.parent / target
+    return target
+
+
+def analyze(checkpoint: str | os.PathLike, base_features: str | os.PathLike, novel_features: str | os.PathLike,
+            device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Base accuracy on held-out base features, and base/novel discriminability, for one trained model."""
+    from negmargin.io import sha256_file
+    from negmargin.models import load_model
+
+    checkpoint_path = resolve_checkpoint(checkpoint)
+    model, ckpt = load_model(checkpoint_path, device=device)
+    base = load_features(base_features)
+    novel = load_features(novel_features)
+    spec = ckpt["model_spec"]
+    if len(base["class_names"]) != spec["num_classes"]:
+        raise UserError(
+            f"{base_features}: {len(base['class_names'])} classes, but the checkpoint's head has "
+            f"{spec['num_classes']}; pass features of the base_holdout split of the training dataset"
+        )
+    accuracy = base_accuracy(model.head, base["features"], base["labels"])
+    return {
+        "format": ANALYSIS_FORMAT,
+        "checkpoint": str(checkpoint_path),
+        "checkpoint_sha256": sha256_file(checkpoint_path),
+        "arch": spec["arch"],
+        "metric": spec["metric"],
+        "margin": spec["margin"],
+        "temperature": spec["temperature"],
+        "base_features": str(base_features),
+        "base_features_sha256": sha256_file(base_features),
+        "novel_features": str(novel_features),
+        "novel_features_sha256": sha256_file(novel_features),
+        "n_base": int(len(base["labels"])),
+        "n_base_classes": int(len(np.unique(base["labels"]))),
+        "n_novel": int(len(novel["labels"])),
+        "n_novel_classes": int(len(np.unique(novel["labels"]))),
+        "base_accuracy": accuracy["accuracy"],
+        "base_accuracy_ci95": accuracy["ci95"],
+        "base_accuracy_ci": "binomial normal approximation, 1.96*sqrt(p(1-p)/n), in percent",
+        "base_discriminability": discriminability(base["features"], base["labels"]),
+        "novel_discriminability": discriminability(novel["features"], novel["labels"]),
+        "features_normalised": "L2",
+    }
+
+
+# ------------------------------------------------------------------------------------ aggregation over seeds
+
+
+def t_quantile_975(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    try:
+        from scipy.stats import t as student_t
+    except ImportError:
+        if df <= len(_T_975):
+            return _T_975[df - 1]
+        # Cornish-Fisher expansion around the normal quantile; error < 1e-5 for df > 30.
+        z = Z_95
+        return (z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+                + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3))
+    return float(student_t.ppf(0.975, df))
+
+
+def aggregate_seeds(values: Iterable[float | None]) -> dict[str, float | int | None]:
+    """Mean over seeds and the Student-t 95% CI half-width; None entries (missing numbers) are skipped.
+
+    ``ci95`` = t_{0.975, n-1} * s / sqrt(n) with s the sample std (ddof=1): few seeds, unknown variance.
+    With one value ``std`` and ``ci95`` are None (unknown, not 0); with none, ``mean`` is None too.
+    """
+    present = np.array([v for v in values if v is not None], dtype=np.float64)
+    n = len(present)
+    if n == 0:
+        return {"mean": None, "ci95": None, "std": None, "n": 0}
+    if n == 1:
+        return {"mean": float(present[0]), "ci95": None, "std": None, "n": 1}
+    std = float(present.std(ddof=1))
+    return {"mean": float(present.mean()), "ci95": t_quantile_975(n - 1) * std / math.sqrt(n), "std": std, "n": n}
+
+
+def _dig(mapping: dict[str, Any] | None, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(mapping, dict) or key not in mapping:
+            return None
+        mapping = mapping[key]
+    return mapping
+
+
+def aggregate_runs(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per (dataset, arch, margin): each run number's mean and Student-t CI over seeds.
+
+    ``runs`` are the run records of ``results/metrics.json``. Runs of one group must share their
+    configuration apart from the seed, so that the CI measures seed variance and nothing else.
+    """
+    groups: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault((run["dataset"], run["arch"], float(run["margin"])), []).append(run)
+    aggregate = []
+    for (dataset, arch, margin), members in sorted(groups.items()):
+        members = sorted(members, key=lambda r: r["seed"])
+        for field in ("metric", "temperature", "image_size", "batch_size", "epochs"):
+            values = {repr(r.get(field)) for r in members}
+            if len(values) > 1:
+                raise UserError(
+                    f"runs of {dataset}/{arch}/m{margin:g} differ in {field} ({', '.join(sorted(values))}); "
+                    "put runs of different configurations into different metrics files"
+                )
+        shots = sorted({int(s) for r in members for s in r["shots"]})
+        val_shots = sorted({int(s) for r in members for s in (r.get("best_val") or {})})
+        aggregate.append({
+            "dataset": dataset,
+            "arch": arch,
+            "margin": margin,
+            "metric": members[0].get("metric"),
+            "temperature": members[0].get("temperature"),
+            "n_seeds": len(members),
+            "seeds": [r["seed"] for r in members],
+            "novel": {str(s): aggregate_seeds(_dig(r, "shots", str(s), "accuracy_mean") for r in members)
+                      for s in shots},
+            "base_accuracy": aggregate_seeds(r.get("base_accuracy") for r in members),
+            "base_discriminability": aggregate_seeds(_dig(r, "base_discriminability", "ratio") for r in members),
+            "novel_discriminability": aggregate_seeds(_dig(r, "novel_discriminability", "ratio") for r in members),
+            "val_accuracy": {str(s): aggregate_seeds(_dig(r, "best_val", str(s), "val_accuracy") for r in members)
+                             for s in val_shots},
+        })
+    return aggregate

@@ -1,0 +1,169 @@
+"""What the paper benchmarks (CUB, mini-ImageNet, tiered-ImageNet) share when they are prepared.
+
+* ``decode_resized``: encoded image bytes -> RGB uint8 ``[S, S, 3]``: the short side is resized to
+  ``S`` and the centre square is kept (pipeline ``imagenet84``).
+* ``PlannedSplit`` / ``write_benchmark``: each dataset module decides *which* images go to which split
+  and class (a plan); this module decodes them in a thread pool and streams them into the store with
+  ``SplitWriter``, so no split is ever held decoded in memory.
+* ``split_file``: the committed split files (package data under ``negmargin/data/splits/``).
+
+Pre-resizing, and how it differs from the paper's pipeline: mmfewshot and the original code decode the
+full-resolution image every epoch and apply ``RandomResizedCrop(84)`` to the whole picture. Here the
+image is decoded once, its short side resized to ``image_size`` (96 by default for full-resolution
+sources) and the centre square kept; training then takes its random-resized crops from that square.
+Two consequences: the strips beyond the centre square of non-square images are never seen (on CUB and
+ImageNet typically 12-25% of the picture, on the long side), and crops are interpolated from a 96-pixel
+picture rather than from the original, which is slightly blurrier for small crop scales. In exchange an
+epoch only slices a memory map, which is what makes 200 epochs on one GPU cheap.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from negmargin.data.download import Progress
+from negmargin.data.store import SplitWriter
+from negmargin.errors import UserError
+from negmargin.io import write_json
+
+SPLITS = ("base", "base_holdout", "val", "novel")
+PIPELINE = "imagenet84"
+FULL_RESOLUTION_IMAGE_SIZE = 96
+BATCH = 256
+
+
+def split_file(relative: str) -> str:
+    """Text of a committed split file, e.g. ``split_file("CUB/base.txt")``."""
+    return resources.files("negmargin.data").joinpath("splits", *relative.split("/")).read_text(encoding="utf-8")
+
+
+def preprocessing_note(image_size: int) -> str:
+    return f"decoded once; short side resized to {image_size} px (bicubic, antialiased), centre square kept; RGB uint8"
+
+
+def decode_resized(data: bytes, image_size: int, image_id: str = "") -> np.ndarray:
+    """Encoded image -> uint8 ``[image_size, image_size, 3]``: short side to ``image_size``, centre square."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # palette-with-transparency notes and the like
+            with Image.open(io.BytesIO(data)) as picture:
+                if picture.format == "JPEG":
+                    # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the result stays >= image_size.
+                    picture.draft("RGB", (image_size, image_size))
+                rgb = picture.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise UserError(f"{image_id or 'image'}: cannot decode ({exc})") from None
+    width, height = rgb.size
+    short = min(width, height)
+    left, top = (width - short) // 2, (height - short) // 2
+    box = (left, top, left + short, top + short)
+    if short == image_size:
+        square = rgb.crop(box) if width != height else rgb
+    else:
+        square = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
+    return np.asarray(square, dtype=np.uint8)
+
+
+@dataclass
+class PlannedSplit:
+    """Which images make up a split: ``items`` are ``(label, image_id, ref)``, ``ref`` meaning what the
+    dataset's reader needs to fetch the encoded bytes."""
+
+    class_names: list[str]
+    items: list[tuple[int, str, Any]] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        return {"classes": len(self.class_names), "images": len(self.items)}
+
+
+def holdout_positions(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """``k`` of ``n`` positions chosen by ``rng``, in increasing order."""
+    return np.sort(rng.permutation(n)[:k])
+
+
+def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def write_planned_split(
+    path: Path,
+    planned: PlannedSplit,
+    read: Callable[[Any], bytes],
+    image_size: int,
+    meta: dict[str, Any],
+    workers: int | None = None,
+) -> None:
+    """Decode, resize and write one split. ``read(ref)`` runs in this thread (archives are not thread-safe);
+    decoding runs in a pool of ``workers`` threads (Pillow releases the GIL while decoding)."""
+    workers = workers or min(8, os.cpu_count() or 1)
+    progress = Progress(f"{meta.get('dataset', '')} {meta.get('split', path.name)}".strip(),
+                        len(planned.items), unit="images")
+    shape = (image_size, image_size, 3)
+    with SplitWriter(path, len(planned.items), shape, planned.class_names, meta) as writer, \
+            ThreadPoolExecutor(max_workers=workers) as pool:
+        for batch in _batches(planned.items, BATCH):
+            encoded = [read(ref) for _, _, ref in batch]
+            images = pool.map(decode_resized, encoded, [image_size] * len(batch), [i for _, i, _ in batch])
+            for (label, image_id, _), image in zip(batch, images, strict=True):
+                writer.add(image, label, image_id)
+            progress.update(len(batch))
+    progress.close()
+
+
+def write_benchmark(
+    out: str | os.PathLike,
+    dataset: str,
+    plans: dict[str, PlannedSplit],
+    read: Callable[[Any], bytes],
+    image_size: int,
+    summary: dict[str, Any],
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """Write the four splits and ``prepared.json`` (written last: its presence means the folder is whole)."""
+    out = Path(out)
+    if set(plans) != set(SPLITS):
+        raise ValueError(f"plans must have the splits {SPLITS}, got {sorted(plans)}")
+    if plans["base_holdout"].class_names != plans["base"].class_names:
+        raise ValueError("base_holdout must have the same class_names, in the same order, as base")
+    base_ids = {image_id for _, image_id, _ in plans["base"].items}
+    if any(image_id in base_ids for _, image_id, _ in plans["base_holdout"].items):
+        raise ValueError("base_holdout shares images with base")
+    if image_size < 8:
+        raise UserError(f"image_size must be at least 8 pixels, got {image_size}")
+    (out / "prepared.json").unlink(missing_ok=True)
+    common = {"dataset": dataset, "pipeline": PIPELINE, "source": summary.get("source"),
+              "source_sha256": summary.get("source_sha256"), "preprocessing": preprocessing_note(image_size)}
+    for split in SPLITS:
+        write_planned_split(out / split, plans[split], read, image_size, {**common, "split": split}, workers)
+    summary = {
+        "dataset": dataset,
+        **summary,
+        "image_size": image_size,
+        "pipeline": PIPELINE,
+        "preprocessing": preprocessing_note(image_size),
+        "splits": {split: plans[split].counts() for split in SPLITS},
+    }
+    write_json(out / "prepared.json", summary)
+    return summary
+
+
+def source_summary(source: str | os.PathLike, path: Path, digests) -> dict[str, Any]:
+    """The ``source*`` fields of ``prepared.json``."""
+    info: dict[str, Any] = {"source": str(source), "source_path": str(path)}
+    if digests is not None:
+        info.update(source_size=digests.size, source_md5=digests.md5, source_sha256=digests.sha256)
+    else:
+        info.update(source_size=None, source_md5=None, source_sha256=None)
+    return info

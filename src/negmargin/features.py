@@ -1,0 +1,68 @@
+"""Backbone features of a prepared split: eval mode, no grad, the test transform, in split order."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from torch import nn
+
+from negmargin.data.loader import eval_batches
+from negmargin.data.store import Split, load_split
+from negmargin.io import write_npz
+
+
+@torch.no_grad()
+def extract_features(
+    backbone: nn.Module,
+    split: Split,
+    image_size: int,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+    channels_last: bool = True,
+) -> np.ndarray:
+    """float32 [N, D] features of every image of ``split``; the backbone's train/eval mode is restored."""
+    was_training = backbone.training
+    backbone.eval()
+    chunks = []
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    try:
+        for images, _ in eval_batches(split, batch_size, image_size):
+            images = images.to(device, memory_format=memory_format, non_blocking=True)
+            chunks.append(backbone(images).float().cpu())
+    finally:
+        backbone.train(was_training)
+    return torch.cat(chunks).numpy() if chunks else np.zeros((0, 0), dtype=np.float32)
+
+
+def features_of_checkpoint(
+    checkpoint: str | os.PathLike,
+    split_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    device: str = "auto",
+    batch_size: int = 256,
+) -> dict:
+    from negmargin.models import load_model
+    from negmargin.training import resolve_device
+
+    torch_device = resolve_device(device)
+    model, ckpt = load_model(checkpoint, torch_device)
+    split = load_split(split_dir)
+    spec = model.spec
+    if split.channels != spec.in_channels:
+        from negmargin.errors import UserError
+
+        raise UserError(
+            f"{split_dir}: images have {split.channels} channel(s) but {checkpoint} was trained on {spec.in_channels}"
+        )
+    channels_last = bool(ckpt.get("config", {}).get("channels_last", True))
+    model.backbone.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    features = extract_features(model.backbone, split, spec.image_size, torch_device, batch_size, channels_last)
+    write_npz(
+        out,
+        features=features.astype(np.float32),
+        labels=split.labels.astype(np.int64),
+        class_names=np.array(split.class_names),
+    )
+    return {"features": features.shape, "checkpoint": str(checkpoint), "split": str(split_dir)}
