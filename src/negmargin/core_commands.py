@@ -79,9 +79,11 @@ def _metatest(args: argparse.Namespace) -> None:
         raise UserError(f"{path}: features file not found")
     try:
         with np.load(path) as bank:
+            missing = [key for key in ("features", "labels") if key not in bank.files]
+            if missing:
+                raise UserError(f"{path}: missing array(s) {', '.join(missing)} (expected 'features' [N, D] and "
+                                f"'labels' [N]; found {', '.join(bank.files) or 'none'})")
             features, labels = bank["features"].astype(np.float32), bank["labels"].astype(np.int64)
-    except KeyError as exc:
-        raise UserError(f"{path}: missing array {exc} (expected 'features' [N, D] and 'labels' [N])") from None
     except (OSError, ValueError) as exc:
         raise UserError(f"{path}: not a readable .npz ({exc})") from None
     if features.ndim != 2 or labels.shape != (features.shape[0],):

@@ -253,11 +253,12 @@ def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Train
                 scores = logits.detach().float()
                 scores[torch.arange(len(labels), device=device), labels] += config.temperature * config.margin
                 correct += int((scores.argmax(1) == labels).sum())
-            loss_sum += float(loss) * len(labels)
+            loss_value = loss.item()
+            loss_sum += loss_value * len(labels)
             seen += len(labels)
             compute_s += time.perf_counter() - tick
             elapsed = time.perf_counter() - epoch_started
-            progress.update(batch_index + 1, float(loss), seen / max(elapsed, 1e-9))
+            progress.update(batch_index + 1, loss_value, seen / max(elapsed, 1e-9))
         progress.close()
         epoch_s = time.perf_counter() - epoch_started
         row: dict[str, Any] = {

@@ -7,6 +7,7 @@ drawing, 0 = paper, 255 = ink), one channel.
 Options:
 * ``base_holdout``: drawings per base class kept out of training (split ``base_holdout``), for
   base-class accuracy. They are chosen per class by a seeded permutation of the 20 drawers.
+* ``max_classes``: keep only the first N characters of each split (tiny runs and tests).
 * ``rotations``: e.g. (0, 90, 180, 270) turns every character into 4 classes, as Vinyals et al. did;
   the default (0,) keeps the 1623 original characters. A rotated copy is a class of its own, in the same
   split as its character, so no character leaks across splits.
@@ -45,6 +46,7 @@ def prepare_omniglot(
     rotations: tuple[int, ...] = (0,),
     seed: int = 0,
     verify: bool = True,
+    max_classes: int | None = None,
 ) -> dict:
     source, out = Path(source), Path(out)
     if not source.is_file():
@@ -66,7 +68,8 @@ def prepare_omniglot(
     class_ids = archive["class_id"]
     holdout_rng = np.random.default_rng(seed)
     summary = {"dataset": "omniglot", "source": str(source), "source_sha256": digest, "image_size": image_size,
-               "base_holdout": base_holdout, "rotations": list(rotations), "seed": seed, "splits": {}}
+               "base_holdout": base_holdout, "rotations": list(rotations), "seed": seed, "max_classes": max_classes,
+               "splits": {}}
 
     # Held-out drawers per base class, fixed before any split is written.
     base_rows = np.flatnonzero(archive["vinyals_split"] == 0)
@@ -74,7 +77,7 @@ def prepare_omniglot(
 
     plan: dict[str, list[tuple[int, int, list[int]]]] = {"base": [], "base_holdout": [], "val": [], "novel": []}
     for code, split in SPLITS.items():
-        for row in np.flatnonzero(archive["vinyals_split"] == code):
+        for row in np.flatnonzero(archive["vinyals_split"] == code)[:max_classes]:
             for rotation in rotations:
                 if split == "base":
                     keep = [d for d in range(DRAWERS) if d not in held[int(row)]]

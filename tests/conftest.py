@@ -1,0 +1,22 @@
+"""Shared fixtures: small prepared datasets built from the real embedded Omniglot archive."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+OMNIGLOT = REPO / "resources" / "omniglot" / "omniglot_105.npz"
+sys.path.insert(0, str(Path(__file__).parent))  # tests/reference_metatest.py and helpers
+
+
+@pytest.fixture(scope="session")
+def tiny_omniglot(tmp_path_factory) -> Path:
+    """The real Omniglot pipeline on the first 12 characters of each Vinyals split (28x28, 4 held out)."""
+    from negmargin.data.omniglot import prepare_omniglot
+
+    out = tmp_path_factory.mktemp("data") / "omniglot"
+    prepare_omniglot(OMNIGLOT, out, image_size=28, base_holdout=4, max_classes=12)
+    return out

@@ -1,0 +1,106 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from reference_metatest import reference_accuracies
+
+from negmargin.episodes import batch_schedule, initial_head_weights, sample_episodes
+from negmargin.metatest import FinetuneConfig, ci95, finetune_and_predict, run_metatest
+
+
+def _bank(classes=12, per_class=25, dim=32, seed=0, spread=1.2):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, 1, dim))
+    features = np.maximum(centres + spread * rng.normal(size=(classes, per_class, dim)), 0).reshape(-1, dim)
+    labels = np.repeat(np.arange(classes), per_class)
+    perm = rng.permutation(len(labels))  # labels need not be sorted
+    return features[perm].astype(np.float32), labels[perm]
+
+
+def test_ci_formula_is_population_std():
+    accuracies = np.array([60.0, 80.0, 100.0, 80.0])
+    std = math.sqrt(((-20) ** 2 + 0 + 20**2 + 0) / 4)  # ddof=0
+    assert ci95(accuracies) == pytest.approx(1.96 * std / 2)
+
+
+def test_sampler_distinct_classes_disjoint_and_deterministic():
+    features, labels = _bank(classes=9, per_class=21)
+    episodes = sample_episodes(labels, 5, 5, 15, 200, seed=7)
+    again = sample_episodes(labels, 5, 5, 15, 200, seed=7)
+    other = sample_episodes(labels, 5, 5, 15, 200, seed=8)
+    assert episodes.digest() == again.digest() != other.digest()
+    for e in range(200):
+        assert len(set(episodes.classes[e])) == 5
+        support, query = episodes.support[e], episodes.query[e]
+        assert not set(support) & set(query) and len(set(support)) == 25 and len(set(query)) == 75
+        np.testing.assert_array_equal(labels[support], np.repeat(episodes.classes[e], 5))
+        np.testing.assert_array_equal(labels[query], np.repeat(episodes.classes[e], 15))
+
+
+def test_sampler_pinned_episode():
+    """Episodes are a function of the seed alone: pin one so a change of sampling shows up here."""
+    labels = np.repeat(np.arange(6), 20)
+    episodes = sample_episodes(labels, 5, 1, 15, 3, seed=0)
+    assert episodes.digest() == sample_episodes(labels.copy(), 5, 1, 15, 3, seed=0).digest()
+    assert episodes.classes.shape == (3, 5) and episodes.support.shape == (3, 5) and episodes.query.shape == (3, 75)
+    assert episodes.digest() == PINNED_DIGEST
+
+
+PINNED_DIGEST = "953681c4497e882e730b5d6602248f866f95e26de81ee93aa332831defb7cc94"
+
+
+def test_sampler_rejects_small_classes():
+    from negmargin.errors import UserError
+
+    labels = np.repeat(np.arange(6), 10)
+    with pytest.raises(UserError, match="at least 16 images"):
+        sample_episodes(labels, 5, 1, 15, 10, seed=0)
+
+
+def test_batch_schedule_ragged_last_batch():
+    labels = np.repeat(np.arange(6), 20)
+    episodes = sample_episodes(labels, 5, 1, 15, 4, seed=0)
+    positions, mask = batch_schedule(episodes, steps=5, batch_size=4)
+    assert mask[0].sum(1).tolist() == [4, 1, 4, 1, 4]  # 5 supports: batches of 4, then 1, per pass
+    for e in range(4):
+        first_pass = np.concatenate([positions[e, 0][mask[e, 0]], positions[e, 1][mask[e, 1]]])
+        assert sorted(first_pass.tolist()) == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("shots", [1, 5])
+def test_batched_equals_reference(shots):
+    features, labels = _bank()
+    episodes = sample_episodes(labels, 5, shots, 15, 24, seed=3)
+    config = FinetuneConfig.for_shots(shots, steps=60 if shots == 1 else 90)
+    init = initial_head_weights(episodes, features.shape[1])
+    positions, mask = batch_schedule(episodes, config.steps, config.batch_size)
+    bank = torch.from_numpy(features).double()
+    batched = finetune_and_predict(bank, episodes, config, init)
+    reference = reference_accuracies(bank, episodes, config, init, positions, mask)
+    np.testing.assert_allclose(batched, reference, atol=1e-9)
+    assert 20 < batched.mean() < 100  # a real task, neither trivial nor broken
+
+
+def test_float32_batched_matches_reference_mean():
+    features, labels = _bank(seed=1)
+    episodes = sample_episodes(labels, 5, 5, 15, 16, seed=1)
+    config = FinetuneConfig.for_shots(5, steps=70)
+    init = initial_head_weights(episodes, features.shape[1])
+    positions, mask = batch_schedule(episodes, config.steps, config.batch_size)
+    bank = torch.from_numpy(features)
+    batched = finetune_and_predict(bank, episodes, config, init)
+    reference = reference_accuracies(bank, episodes, config, init, positions, mask)
+    assert abs(batched.mean() - reference.mean()) < 0.5
+
+
+def test_run_metatest_record():
+    features, labels = _bank()
+    record = run_metatest(features, labels, ways=5, shots=1, queries=15, episodes=30, seed=0)
+    assert record["finetune"] == {"steps": 150, "lr": 0.01, "momentum": 0.9, "dampening": 0.9,
+                                  "weight_decay": 0.001, "batch_size": 4, "temperature": 5.0}
+    assert len(record["episode_accuracies"]) == 30
+    assert record["accuracy_mean"] == pytest.approx(np.mean(record["episode_accuracies"]), abs=1e-3)
+    assert record["accuracy_ci95"] == pytest.approx(ci95(np.array(record["episode_accuracies"])), abs=1e-3)
+    assert record == {**run_metatest(features, labels, episodes=30, seed=0), "elapsed_s": record["elapsed_s"]}
+    assert FinetuneConfig.for_shots(5).steps == 600
