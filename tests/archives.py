@@ -8,6 +8,7 @@ the right file: JPEGs of flat colour come back within a few levels, PNGs exactly
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import pickle
 import random
@@ -63,14 +64,18 @@ def _add_dir(tar: tarfile.TarFile, name: str) -> None:
 
 
 def cub_class_names() -> list[str]:
-    return [line.split()[1] for line in (SPLITS / "CUB" / "classes.txt").read_text().splitlines() if line.strip()]
+    return [
+        line.split()[1] for line in (SPLITS / "CUB" / "classes.txt").read_text().splitlines() if line.strip()
+    ]
 
 
 def cub_color(class_id: int, image_index: int) -> tuple[int, int, int]:
     return (class_id, 20 + 25 * image_index, 200)
 
 
-def make_cub_tgz(path: Path, class_ids: list[int], images_per_class: int = 6, size=(48, 32)) -> dict[str, tuple]:
+def make_cub_tgz(
+    path: Path, class_ids: list[int], images_per_class: int = 6, size=(48, 32)
+) -> dict[str, tuple]:
     """``CUB_200_2011.tgz`` with the given 1-based class ids. Images are wider than tall with black side
     strips; the centre square of image k of class c has colour ``cub_color(c, k)``.
 
@@ -93,7 +98,11 @@ def make_cub_tgz(path: Path, class_ids: list[int], images_per_class: int = 6, si
                 file = f"{bird}_{k + 1:04d}_{class_id * 1000 + k}.jpg"
                 relative = f"{folder}/{file}"
                 colors[relative] = cub_color(class_id, k)
-                _add(tar, f"CUB_200_2011/images/{relative}", jpeg(colors[relative], size, border=(size[0] - size[1]) // 2))
+                _add(
+                    tar,
+                    f"CUB_200_2011/images/{relative}",
+                    jpeg(colors[relative], size, border=(size[0] - size[1]) // 2),
+                )
         for relative in sorted(colors):
             image_id += 1
             class_id = int(relative[:3])
@@ -102,9 +111,13 @@ def make_cub_tgz(path: Path, class_ids: list[int], images_per_class: int = 6, si
             split_txt.append(f"{image_id} {image_id % 2}")
             boxes_txt.append(f"{image_id} 1.0 1.0 20.0 20.0")
         classes_txt = [f"{c} {names[c - 1]}" for c in class_ids]
-        for name, lines in (("classes.txt", classes_txt), ("images.txt", images_txt),
-                            ("image_class_labels.txt", labels_txt), ("train_test_split.txt", split_txt),
-                            ("bounding_boxes.txt", boxes_txt)):
+        for name, lines in (
+            ("classes.txt", classes_txt),
+            ("images.txt", images_txt),
+            ("image_class_labels.txt", labels_txt),
+            ("train_test_split.txt", split_txt),
+            ("bounding_boxes.txt", boxes_txt),
+        ):
             _add(tar, f"CUB_200_2011/{name}", ("\n".join(lines) + "\n").encode())
         _add(tar, "CUB_200_2011/README", b"CUB-200-2011 fixture\n")
     return colors
@@ -113,6 +126,7 @@ def make_cub_tgz(path: Path, class_ids: list[int], images_per_class: int = 6, si
 # ------------------------------------------------------------------------------------------ mini-ImageNet
 
 
+@functools.lru_cache(maxsize=3)
 def ravi_rows(split: str) -> list[tuple[str, str]]:
     with open(SPLITS / "miniImageNet" / "ravi" / f"{split}.csv") as handle:
         return [(row[0], row[1]) for row in list(csv.reader(handle))[1:]]
@@ -177,8 +191,14 @@ def tiered_pixels(split_number: int, index: int, class_number: int, size: int) -
     return pixels
 
 
-def make_tiered_tar(path: Path, classes: dict[str, list[str]], images_per_class: int = 5, size: int = 84,
-                    bytes_keys: bool = False, extra_class: dict[str, str] | None = None) -> dict[str, list[str]]:
+def make_tiered_tar(
+    path: Path,
+    classes: dict[str, list[str]],
+    images_per_class: int = 5,
+    size: int = 84,
+    bytes_keys: bool = False,
+    extra_class: dict[str, str] | None = None,
+) -> dict[str, list[str]]:
     """``tiered-imagenet.tar`` holding ``tiered-imagenet/{split}_images_png.pkl`` and ``{split}_labels.pkl``.
 
     ``classes``: split -> class synsets (real ones). As in the real files: classes and categories are named
@@ -201,7 +221,7 @@ def make_tiered_tar(path: Path, classes: dict[str, list[str]], images_per_class:
             if extra_class and split in extra_class:
                 specific_str.append(extra_class[split])
             label_specific, label_general, images, order = [], [], [], []
-            for k in range(images_per_class):
+            for _ in range(images_per_class):
                 for class_number, synset in enumerate(chosen):
                     index = len(images)
                     label_specific.append(specific_str.index(info[synset][1]))

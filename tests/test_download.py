@@ -7,7 +7,7 @@ import io
 import os
 
 import pytest
-from http_server import FileServer
+from http_server import FileServer, wrong_bytes
 
 from negmargin.cli import main
 from negmargin.data.download import Progress, download, fetch_source, url_filename, verify_file
@@ -82,7 +82,7 @@ def test_wrong_bytes_raise_with_expected_and_actual_and_leave_nothing(server, tm
     with pytest.raises(UserError) as info:
         download(url, out, md5=MD5, **FAST)
     message = str(info.value)
-    wrong_md5 = hashlib.md5(bytes((b + 1) % 256 for b in DATA)).hexdigest()
+    wrong_md5 = hashlib.md5(wrong_bytes(DATA)).hexdigest()
     assert f"expected {MD5}" in message and f"md5 is {wrong_md5}" in message and url in message
     assert not out.exists() and not (tmp_path / "data.bin.part").exists()
     assert os.listdir(tmp_path) == []
@@ -169,8 +169,24 @@ def test_progress_lines_when_not_a_terminal():
 def test_cli_download(server, tmp_path, capsys):
     url = server.add("/data.bin", DATA, mode="drop")
     out = tmp_path / "data.bin"
-    assert main(["download", "--url", url, "--md5", MD5, "--size", str(len(DATA)), "--out", str(out),
-                 "--backoff", "0.01"]) == 0
+    assert (
+        main(
+            [
+                "download",
+                "--url",
+                url,
+                "--md5",
+                MD5,
+                "--size",
+                str(len(DATA)),
+                "--out",
+                str(out),
+                "--backoff",
+                "0.01",
+            ]
+        )
+        == 0
+    )
     assert out.read_bytes() == DATA
     bad = server.add("/nope.bin", DATA, mode="404")
     assert main(["download", "--url", bad, "--out", str(tmp_path / "nope.bin")]) == 2

@@ -208,3 +208,10 @@ def test_plot_margins_cli(tmp_path, capsys):
                "--out-dir", str(tmp_path / "plots")])
     assert rc == 0
     assert "accuracy_vs_margin.svg" in capsys.readouterr().out
+
+
+def test_plot_files_are_reproducible(tmp_path):
+    plot_margins(_metrics(), "omniglot", "conv4", tmp_path / "a")
+    plot_margins(_metrics(), "omniglot", "conv4", tmp_path / "b")
+    for name in ("accuracy_vs_margin.svg", "accuracy_vs_margin.png", "margin_analysis.csv"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()

@@ -200,8 +200,9 @@ def test_summary_statements_follow_the_numbers(repo):
     _, runs = repo
     text = render_summary(collect_metrics(runs))
     assert "## cub / conv4" in text
-    assert "Novel 1-shot accuracy peaks at m = -0.1, a **negative** margin (62.50), +2.00 over m = 0" in text
-    assert "Base accuracy **rises** with the margin at every step" in text
+    assert ("Does novel 1-shot accuracy peak at a negative margin? **Yes**: it peaks at m = -0.1 "
+            "(negative, 62.50), +2.00 over m = 0; the seed CIs overlap.") in text
+    assert "Does base accuracy rise with the margin? **Yes**, at every step (Spearman ρ = +1.00" in text
     assert "| -0.1 | 62.50 ± " in text
 
 
@@ -210,9 +211,9 @@ def test_summary_says_so_when_the_peak_is_positive(tmp_path, monkeypatch):
     runs = [make_run(Path(f"r{i}"), margin=m, novel={1: (acc, 0.4)}, base=base, base_ratio=0.5, novel_ratio=0.3)
             for i, (m, acc, base) in enumerate([(-0.1, 50.0, 80.0), (0.0, 52.0, 78.0), (0.1, 55.0, 70.0)])]
     text = render_summary(collect_metrics(runs))
-    assert "peaks at m = 0.1, a **positive** margin" in text
+    assert "peak at a negative margin? **No**: it peaks at m = 0.1 (positive, 55.00), +3.00 over m = 0" in text
     assert "no seed CI (one seed)" in text
-    assert "Base accuracy **falls** with the margin at every step" in text
+    assert "Does base accuracy rise with the margin? **No**: it falls at every step" in text
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
@@ -227,7 +228,7 @@ def test_cli_metrics_table_summary(repo, capsys):
                  "--reference-source", "mmfewshot", "--out", "results/tables/cub.md"]) == 0
     assert "+" not in Path("results/tables/cub.md").read_text().split("| 80.69 |")[1].split("|")[0]
     assert main(["summary", "--metrics", "results/metrics.json", "--out", "results/summary.md"]) == 0
-    assert "**negative**" in Path("results/summary.md").read_text()
+    assert "peak at a negative margin? **Yes**" in Path("results/summary.md").read_text()
 
 
 def _one_line_error(capsys, argv):

@@ -45,7 +45,9 @@ BATCH = 256
 
 def split_file(relative: str) -> str:
     """Text of a committed split file, e.g. ``split_file("CUB/base.txt")``."""
-    return resources.files("negmargin.data").joinpath("splits", *relative.split("/")).read_text(encoding="utf-8")
+    return (
+        resources.files("negmargin.data").joinpath("splits", *relative.split("/")).read_text(encoding="utf-8")
+    )
 
 
 def preprocessing_note(image_size: int) -> str:
@@ -108,11 +110,14 @@ def write_planned_split(
     """Decode, resize and write one split. ``read(ref)`` runs in this thread (archives are not thread-safe);
     decoding runs in a pool of ``workers`` threads (Pillow releases the GIL while decoding)."""
     workers = workers or min(8, os.cpu_count() or 1)
-    progress = Progress(f"{meta.get('dataset', '')} {meta.get('split', path.name)}".strip(),
-                        len(planned.items), unit="images")
+    progress = Progress(
+        f"{meta.get('dataset', '')} {meta.get('split', path.name)}".strip(), len(planned.items), unit="images"
+    )
     shape = (image_size, image_size, 3)
-    with SplitWriter(path, len(planned.items), shape, planned.class_names, meta) as writer, \
-            ThreadPoolExecutor(max_workers=workers) as pool:
+    with (
+        SplitWriter(path, len(planned.items), shape, planned.class_names, meta) as writer,
+        ThreadPoolExecutor(max_workers=workers) as pool,
+    ):
         for batch in _batches(planned.items, BATCH):
             encoded = [read(ref) for _, _, ref in batch]
             images = pool.map(decode_resized, encoded, [image_size] * len(batch), [i for _, i, _ in batch])
@@ -143,8 +148,13 @@ def write_benchmark(
     if image_size < 8:
         raise UserError(f"image_size must be at least 8 pixels, got {image_size}")
     (out / "prepared.json").unlink(missing_ok=True)
-    common = {"dataset": dataset, "pipeline": PIPELINE, "source": summary.get("source"),
-              "source_sha256": summary.get("source_sha256"), "preprocessing": preprocessing_note(image_size)}
+    common = {
+        "dataset": dataset,
+        "pipeline": PIPELINE,
+        "source": summary.get("source"),
+        "source_sha256": summary.get("source_sha256"),
+        "preprocessing": preprocessing_note(image_size),
+    }
     for split in SPLITS:
         write_planned_split(out / split, plans[split], read, image_size, {**common, "split": split}, workers)
     summary = {

@@ -31,7 +31,7 @@ from negmargin.data.benchmark import (
     write_benchmark,
 )
 from negmargin.data.download import fetch_source, is_url, local_path
-from negmargin.data.extract import archive_kind, extract_once
+from negmargin.data.extract import extract_once
 from negmargin.errors import UserError
 
 CUB_URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz?download=1"
@@ -68,7 +68,9 @@ def committed_split() -> dict[str, list[str]]:
     for split in ("base", "val", "novel"):
         listed = [line.strip() for line in split_file(f"CUB/{split}.txt").splitlines() if line.strip()]
         if listed != by_rule[split]:
-            raise UserError(f"splits/CUB/{split}.txt disagrees with the sorted-index rule; the package data is damaged")
+            raise UserError(
+                f"splits/CUB/{split}.txt disagrees with the sorted-index rule; the package data is damaged"
+            )
     return by_rule
 
 
@@ -90,13 +92,17 @@ def list_images(root: Path) -> dict[str, list[str]]:
     }
     index = root / "images.txt"
     if index.is_file():
-        listed = {line.split(maxsplit=1)[1].strip() for line in index.read_text().splitlines() if line.strip()}
+        listed = {
+            line.split(maxsplit=1)[1].strip() for line in index.read_text().splitlines() if line.strip()
+        }
         found = {f"{folder}/{name}" for folder, names in listing.items() for name in names}
         if listed != found:
             missing, extra = sorted(listed - found), sorted(found - listed)
             detail = f"missing {missing[0]!r}" if missing else f"not in images.txt: {extra[0]!r}"
-            raise UserError(f"{root}: images/ does not match images.txt ({len(missing)} missing, "
-                            f"{len(extra)} extra; {detail})")
+            raise UserError(
+                f"{root}: images/ does not match images.txt ({len(missing)} missing, "
+                f"{len(extra)} extra; {detail})"
+            )
     return listing
 
 
@@ -131,13 +137,14 @@ def prepare_cub(
     image_size = FULL_RESOLUTION_IMAGE_SIZE if image_size is None else int(image_size)
     base_holdout = DEFAULT_BASE_HOLDOUT if base_holdout is None else int(base_holdout)
     if base_holdout < 1:
-        raise UserError(f"base_holdout must be at least 1 (the margin analysis needs held-out base images), got {base_holdout}")
+        raise UserError(
+            f"base_holdout must be at least 1 (the margin analysis needs held-out base images), got {base_holdout}"
+        )
     is_folder = not is_url(source) and local_path(source).is_dir()
     if expect_full and not is_folder and not (md5 or sha256 or size is not None):
         md5, size = CUB_MD5, CUB_SIZE  # the official archive
     path, digests = fetch_source(source, raw_dir, md5=md5, sha256=sha256, size=size, mirrors=mirrors)
     if path.is_file():
-        archive_kind(path)
         root = find_root(extract_once(path, Path(raw_dir) / "cub"))
     else:
         root = find_root(path)
@@ -146,12 +153,16 @@ def prepare_cub(
     names = committed_classes()
     unknown = sorted(set(listing) - set(names))
     if unknown:
-        raise UserError(f"{root}/images: unknown class folder {unknown[0]!r} (not one of the 200 CUB classes)")
+        raise UserError(
+            f"{root}/images: unknown class folder {unknown[0]!r} (not one of the 200 CUB classes)"
+        )
     total = sum(len(files) for files in listing.values())
     if expect_full:
         if len(listing) != CUB_CLASSES:
             missing = sorted(set(names) - set(listing))
-            raise UserError(f"{root}/images: {len(listing)} class folders, expected {CUB_CLASSES} (missing {missing[0]!r})")
+            raise UserError(
+                f"{root}/images: {len(listing)} class folders, expected {CUB_CLASSES} (missing {missing[0]!r})"
+            )
         if total != CUB_IMAGES:
             raise UserError(f"{root}/images: {total} images, expected {CUB_IMAGES}")
     # The rule is defined on the sorted 200 names; a fixture's subset keeps each class's split.
@@ -171,7 +182,9 @@ def prepare_cub(
             held: set[int] = set()
             if split == "base":
                 if len(files) <= base_holdout:
-                    raise UserError(f"{root}/images/{folder}: {len(files)} images, too few to hold out {base_holdout}")
+                    raise UserError(
+                        f"{root}/images/{folder}: {len(files)} images, too few to hold out {base_holdout}"
+                    )
                 held = set(holdout_positions(len(files), base_holdout, rng).tolist())
             for position, name in enumerate(files):
                 item = (label, f"{folder}/{name}", root / "images" / folder / name)
@@ -180,7 +193,7 @@ def prepare_cub(
     summary = {
         **source_summary(source, path, digests),
         "source_kind": "archive" if path.is_file() else "folder",
-        "extracted_to": str(root),
+        "images_root": str(root),
         "class_split": "sorted folder index i: i%2==0 base, i%4==1 val, i%4==3 novel (checked against splits/CUB)",
         "base_holdout": base_holdout,
         "base_holdout_rule": f"{base_holdout} images per base class, seeded permutation (seed {seed}), removed from base",

@@ -91,8 +91,15 @@ class Progress:
     long download got without a carriage-return bar.
     """
 
-    def __init__(self, label: str, total: int | None, initial: int = 0, interval: float = 30.0,
-                 stream=None, unit: str = "B") -> None:
+    def __init__(
+        self,
+        label: str,
+        total: int | None,
+        initial: int = 0,
+        interval: float = 30.0,
+        stream=None,
+        unit: str = "B",
+    ) -> None:
         self.label, self.total, self.done, self.unit = label, total, initial, unit
         self.stream = stream if stream is not None else sys.stderr
         self.interval = interval
@@ -103,8 +110,17 @@ class Progress:
             from tqdm import tqdm
 
             scaled = unit == "B"
-            self._bar = tqdm(total=total, initial=initial, unit=unit, unit_scale=scaled, unit_divisor=1024,
-                             desc=label, file=self.stream, dynamic_ncols=True, leave=True)
+            self._bar = tqdm(
+                total=total,
+                initial=initial,
+                unit=unit,
+                unit_scale=scaled,
+                unit_divisor=1024,
+                desc=label,
+                file=self.stream,
+                dynamic_ncols=True,
+                leave=True,
+            )
 
     def reset(self, done: int, total: int | None = None) -> None:
         """Start counting again from ``done`` bytes (after a restart or a resumed request)."""
@@ -158,7 +174,9 @@ def file_digests(path: str | os.PathLike, label: str | None = None, interval: fl
     path = Path(path)
     total = path.stat().st_size
     md5, sha256 = hashlib.md5(usedforsecurity=False), hashlib.sha256()
-    progress = Progress(label or f"checksum {path.name}", total, interval=interval) if total > 1 << 30 else None
+    progress = (
+        Progress(label or f"checksum {path.name}", total, interval=interval) if total > 1 << 30 else None
+    )
     with open(path, "rb") as handle:
         while block := handle.read(CHUNK * 4):
             md5.update(block)
@@ -170,8 +188,9 @@ def file_digests(path: str | os.PathLike, label: str | None = None, interval: fl
     return Digests(total, md5.hexdigest(), sha256.hexdigest())
 
 
-def check_digests(what: str, actual: Digests, md5: str | None = None, sha256: str | None = None,
-                  size: int | None = None) -> None:
+def check_digests(
+    what: str, actual: Digests, md5: str | None = None, sha256: str | None = None, size: int | None = None
+) -> None:
     """Raise UserError naming ``what`` with expected and actual values if anything differs."""
     problems = []
     if size is not None and int(size) != actual.size:
@@ -184,8 +203,9 @@ def check_digests(what: str, actual: Digests, md5: str | None = None, sha256: st
         raise UserError(f"{what}: {'; '.join(problems)}")
 
 
-def verify_file(path: str | os.PathLike, md5: str | None = None, sha256: str | None = None,
-                size: int | None = None) -> Digests:
+def verify_file(
+    path: str | os.PathLike, md5: str | None = None, sha256: str | None = None, size: int | None = None
+) -> Digests:
     """Check a local file against the given size/checksums; returns what was measured."""
     path = Path(path)
     if not path.is_file():
@@ -246,7 +266,7 @@ def _transfer_once(url: str, part: Path, progress: Progress, size: int | None, t
         response = _open(url, offset, timeout)
     except urllib.error.HTTPError:  # 416: nothing left to send from this offset
         if size is None or offset == size:
-            return True
+            return
         part.unlink()
         raise _Transient(f"HTTP 416 for a {offset}-byte partial file; starting again") from None
     with response:
@@ -255,14 +275,19 @@ def _transfer_once(url: str, part: Path, progress: Progress, size: int | None, t
         if status == 206 and offset:
             match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
             if not match or int(match.group(1)) != offset:
-                raise _Transient(f"bad Content-Range {response.headers.get('Content-Range')!r} for offset {offset}")
+                raise _Transient(
+                    f"bad Content-Range {response.headers.get('Content-Range')!r} for offset {offset}"
+                )
             if match.group(3) != "*":
                 expected = int(match.group(3))
         else:
             # 200: the server sends the whole file (it ignored Range, or there was none): start over.
             if offset:
-                print(f"{url}: server ignored the Range request; downloading from the start",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"{url}: server ignored the Range request; downloading from the start",
+                    file=sys.stderr,
+                    flush=True,
+                )
             offset = 0
             length = response.headers.get("Content-Length")
             expected = int(length) if length and length.isdigit() else None
@@ -290,8 +315,9 @@ def _transfer_once(url: str, part: Path, progress: Progress, size: int | None, t
             raise _Transient(f"connection dropped after {received} of {expected} bytes")
 
 
-def _download_from(url: str, part: Path, progress: Progress, size: int | None, retries: int,
-                   backoff: float, timeout: float) -> None:
+def _download_from(
+    url: str, part: Path, progress: Progress, size: int | None, retries: int, backoff: float, timeout: float
+) -> None:
     """Fetch ``url`` into ``part``, resuming and retrying transient failures."""
     attempt = 0
     while True:
@@ -301,21 +327,33 @@ def _download_from(url: str, part: Path, progress: Progress, size: int | None, r
             return
         except _Transient as exc:
             after = part.stat().st_size if part.exists() else 0
-            # A request that made progress does not count against the retry budget: a flaky link that
-            # drops every few GB still finishes.
+            # A request that made progress does not count against the retry budget, and is resumed at
+            # once: a flaky link that drops every few GB still finishes. Only failures without progress
+            # back off (backoff, 2*backoff, 4*backoff, ... at most 60 s).
             attempt = 0 if after > before else attempt + 1
             if attempt > retries:
                 raise _Transient(f"{exc} (gave up after {retries + 1} attempts)") from None
-            delay = min(backoff * (2 ** max(attempt - 1, 0)), 60.0)
-            print(f"{url}: {exc}; retrying in {delay:.1f}s (resuming at {after} bytes)",
-                  file=sys.stderr, flush=True)
+            delay = min(backoff * 2 ** (attempt - 1), 60.0) if attempt else 0.0
+            print(
+                f"{url}: {exc}; retrying in {delay:.1f}s (resuming at {after} bytes)",
+                file=sys.stderr,
+                flush=True,
+            )
             time.sleep(delay)
 
 
-def _download(url: str, out: str | os.PathLike, md5: str | None = None, sha256: str | None = None,
-              size: int | None = None, mirrors: Sequence[str] = (), retries: int = 5,
-              backoff: float = 2.0, timeout: float = 60.0, progress_interval: float = 30.0
-              ) -> tuple[Path, Digests]:
+def _download(
+    url: str,
+    out: str | os.PathLike,
+    md5: str | None = None,
+    sha256: str | None = None,
+    size: int | None = None,
+    mirrors: Sequence[str] = (),
+    retries: int = 5,
+    backoff: float = 2.0,
+    timeout: float = 60.0,
+    progress_interval: float = 30.0,
+) -> tuple[Path, Digests]:
     """As :func:`download`, also returning the measured digests."""
     _validate_checksum_args(md5, sha256)
     if size is not None and int(size) < 0:
@@ -363,41 +401,79 @@ def _download(url: str, out: str | os.PathLike, md5: str | None = None, sha256: 
         os.replace(part, out)
         return out, digests
 
-    raise UserError("; ".join(failures) if len(failures) == 1 else
-                    f"download of {out.name} failed from every source: " + "; ".join(failures))
+    raise UserError(
+        "; ".join(failures)
+        if len(failures) == 1
+        else f"download of {out.name} failed from every source: " + "; ".join(failures)
+    )
 
 
-def download(url: str, out: str | os.PathLike, md5: str | None = None, sha256: str | None = None,
-             size: int | None = None, mirrors: Sequence[str] = (), retries: int = 5, backoff: float = 2.0,
-             timeout: float = 60.0, progress_interval: float = 30.0) -> Path:
+def download(
+    url: str,
+    out: str | os.PathLike,
+    md5: str | None = None,
+    sha256: str | None = None,
+    size: int | None = None,
+    mirrors: Sequence[str] = (),
+    retries: int = 5,
+    backoff: float = 2.0,
+    timeout: float = 60.0,
+    progress_interval: float = 30.0,
+) -> Path:
     """Download ``url`` to ``out``, verified; returns the path of the verified file.
 
     * ``md5`` / ``sha256`` / ``size``: checked before the file gets its final name; on a mismatch the
       partial file is deleted and the next mirror is tried, and if none is left a UserError gives the
       expected and actual values.
     * ``mirrors``: tried in order after ``url`` when it fails for good.
-    * ``retries``: further attempts per source after a transient failure (an attempt that received
-      bytes does not count), waiting ``backoff * 2**k`` seconds (at most 60) before the k-th retry.
+    * ``retries``: further attempts per source after a transient failure, waiting ``backoff * 2**(k-1)``
+      seconds (at most 60) before the k-th retry. An attempt that received bytes does not count and is
+      resumed at once.
     * If ``out`` already exists and verifies, nothing is downloaded.
     * If ``url`` is a local path (or ``file://``), that file is verified and its path returned; ``out``
       is not written.
     """
-    path, _ = _download(url, out, md5=md5, sha256=sha256, size=size, mirrors=mirrors, retries=retries,
-                        backoff=backoff, timeout=timeout, progress_interval=progress_interval)
+    path, _ = _download(
+        url,
+        out,
+        md5=md5,
+        sha256=sha256,
+        size=size,
+        mirrors=mirrors,
+        retries=retries,
+        backoff=backoff,
+        timeout=timeout,
+        progress_interval=progress_interval,
+    )
     return path
 
 
-def fetch_source(source: str | os.PathLike, raw_dir: str | os.PathLike, md5: str | None = None,
-                 sha256: str | None = None, size: int | None = None, mirrors: Sequence[str] = (),
-                 retries: int = 5, backoff: float = 2.0) -> tuple[Path, Digests | None]:
+def fetch_source(
+    source: str | os.PathLike,
+    raw_dir: str | os.PathLike,
+    md5: str | None = None,
+    sha256: str | None = None,
+    size: int | None = None,
+    mirrors: Sequence[str] = (),
+    retries: int = 5,
+    backoff: float = 2.0,
+) -> tuple[Path, Digests | None]:
     """Resolve a dataset source to a local path: a URL is downloaded into ``raw_dir`` first.
 
     Files are verified (and their digests returned); a local folder is returned as is, with no digests.
     """
     if is_url(source):
         out = Path(raw_dir) / url_filename(str(source))
-        return _download(str(source), out, md5=md5, sha256=sha256, size=size, mirrors=mirrors,
-                         retries=retries, backoff=backoff)
+        return _download(
+            str(source),
+            out,
+            md5=md5,
+            sha256=sha256,
+            size=size,
+            mirrors=mirrors,
+            retries=retries,
+            backoff=backoff,
+        )
     path = local_path(source)
     if path.is_dir():
         if md5 or sha256 or size is not None:

@@ -49,22 +49,34 @@ def _check_through_links(archive: Path, name: str, relative: str, links: set[str
     parts = relative.split("/")
     for i in range(1, len(parts)):
         if "/".join(parts[:i]) in links:
-            raise UserError(f"{archive}: unsafe member {name!r}: path goes through the link {'/'.join(parts[:i])!r}")
+            raise UserError(
+                f"{archive}: unsafe member {name!r}: path goes through the link {'/'.join(parts[:i])!r}"
+            )
 
 
 def _check_link_target(archive: Path, name: str, target: str, base_dir: str, links: set[str]) -> None:
-    """``target`` as stored; resolved against ``base_dir`` (the member's folder for symlinks, the root for
-    hard links). Rejected if it leaves the root or passes through another link (chains can escape)."""
+    """``target`` as stored, resolved step by step from ``base_dir`` (the member's folder for symlinks, the
+    root for hard links). Rejected if it leaves the root or passes through another link (chains of links
+    can escape even when each one alone stays inside)."""
     text = _normalise(target)
     if text.startswith("/") or (len(text) > 1 and text[1] == ":"):
         raise UserError(f"{archive}: unsafe member {name!r}: link to absolute path {target!r}")
-    resolved = posixpath.normpath(posixpath.join(base_dir, text)) if base_dir else posixpath.normpath(text)
-    if resolved == ".." or resolved.startswith("../"):
-        raise UserError(f"{archive}: unsafe member {name!r}: link target {target!r} lies outside the archive")
-    parts = [p for p in resolved.split("/") if p not in ("", ".")]
-    for i in range(1, len(parts) + 1):
-        if "/".join(parts[:i]) in links:
-            raise UserError(f"{archive}: unsafe member {name!r}: link target {target!r} goes through another link")
+    stack = [p for p in base_dir.split("/") if p]
+    for part in text.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not stack:
+                raise UserError(
+                    f"{archive}: unsafe member {name!r}: link target {target!r} lies outside the archive"
+                )
+            stack.pop()
+            continue
+        stack.append(part)
+        if "/".join(stack) in links:
+            raise UserError(
+                f"{archive}: unsafe member {name!r}: link target {target!r} goes through another link"
+            )
 
 
 def _tar_members(archive: Path, handle: tarfile.TarFile) -> list[tarfile.TarInfo]:
@@ -143,10 +155,14 @@ def archive_kind(archive: str | os.PathLike) -> str:
     archive = Path(archive)
     if not archive.is_file():
         raise UserError(f"{archive}: archive not found")
-    if zipfile.is_zipfile(archive):
-        return "zip"
-    if tarfile.is_tarfile(archive):
-        return "tar"
+    try:
+        # tar first: zipfile.is_zipfile also says yes to a tar that merely *contains* a zip near its end.
+        if tarfile.is_tarfile(archive):
+            return "tar"
+        if zipfile.is_zipfile(archive):
+            return "zip"
+    except (OSError, EOFError, tarfile.TarError) as exc:
+        raise UserError(f"{archive}: corrupt or truncated archive ({exc})") from None
     raise UserError(f"{archive}: not a tar or zip archive")
 
 
@@ -167,7 +183,9 @@ def extract(archive: str | os.PathLike, dest: str | os.PathLike, overwrite: bool
             (_extract_zip if kind == "zip" else _extract_tar)(archive, tmp)
         except (tarfile.TarError, zipfile.BadZipFile, EOFError) as exc:
             raise UserError(f"{archive}: corrupt or truncated archive ({exc})") from None
-        (tmp / MARKER).write_text(json.dumps({"archive": archive.name, "size": archive.stat().st_size}) + "\n")
+        (tmp / MARKER).write_text(
+            json.dumps({"archive": archive.name, "size": archive.stat().st_size}) + "\n"
+        )
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)

@@ -12,7 +12,7 @@ class _MarginLabelParser(argparse.ArgumentParser):
     """argparse takes ``-0.2=feat.npz`` for an unknown option; here a negative-number label before '=' is
     a value. (``_parse_optional`` returning None means "positional" in every supported Python.)"""
 
-    def _parse_optional(self, arg_string):  # noqa: ANN001, ANN202 - argparse's own signature
+    def _parse_optional(self, arg_string):
         if _MARGIN_LABEL.match(arg_string):
             return None
         return super()._parse_optional(arg_string)
@@ -24,9 +24,10 @@ def _analyze(args: argparse.Namespace) -> None:
 
     result = analyze(args.checkpoint, args.base_features, args.novel_features, device=args.device)
     write_json(args.out, result)
-    base, novel = result["base_discriminability"], result["novel_discriminability"]
+    ratios = [result[key]["ratio"] for key in ("base_discriminability", "novel_discriminability")]
+    base_ratio, novel_ratio = ("undefined" if ratio is None else f"{ratio:.4g}" for ratio in ratios)
     print(f"base accuracy {result['base_accuracy']:.2f} ± {result['base_accuracy_ci95']:.2f} % "
-          f"({result['n_base']} images); discriminability base {base['ratio']}, novel {novel['ratio']}")
+          f"({result['n_base']} images); discriminability base {base_ratio}, novel {novel_ratio} -> {args.out}")
 
 
 def _metrics(args: argparse.Namespace) -> None:

@@ -22,6 +22,7 @@ from negmargin.io import atomic_path, write_text
 from negmargin.reporting.tables import dataset_runs, format_margin
 
 DPI = 150
+EXACT_TSNE_MAX = 1000
 MARGIN_CSV_FIELDS = ("margin", "series", "mean", "ci_low", "ci_high", "n_seeds")
 TSNE_CSV_FIELDS = ("panel", "margin", "class", "x", "y")
 ACCURACY_SERIES = "base accuracy"
@@ -113,10 +114,13 @@ def margin_series(metrics: dict[str, Any], dataset: str, arch: str) -> list[dict
     return rows
 
 
-def _margin_label(metric: str | None) -> str:
-    if metric == "softmax":
-        return "margin m (logit units, before the temperature)"
-    return "margin m (cosine units, subtracted from the target cosine)"
+def _margin_axis(ax, metric: str | None) -> None:
+    from matplotlib.ticker import MaxNLocator, StrMethodFormatter
+
+    ax.axvline(0.0, linestyle=":", color="0.35", linewidth=1.2, label="m = 0")
+    ax.set_xlabel("margin m (logit units)" if metric == "softmax" else "margin m (cosine units)")
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=6))
+    ax.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
 
 
 def _draw_series(ax, rows: list[dict[str, Any]], series: str, label: str, color, marker: str) -> None:
@@ -130,8 +134,7 @@ def _draw_series(ax, rows: list[dict[str, Any]], series: str, label: str, color,
     low = np.array([np.nan if row["ci_low"] is None else row["ci_low"] for row in points], dtype=float)
     high = np.array([np.nan if row["ci_high"] is None else row["ci_high"] for row in points], dtype=float)
     if np.isfinite(low).any():
-        band = ax.fill_between(margins, low, high, color=color, alpha=0.2, linewidth=0,
-                               label=f"{label}: 95% CI over seeds")
+        band = ax.fill_between(margins, low, high, color=color, alpha=0.2, linewidth=0, label="_nolegend_")
         band.set_gid(f"{series} ci")
 
 
@@ -154,17 +157,16 @@ def accuracy_figure(rows: list[dict[str, Any]], title: str, metric: str | None =
     base_way = f"{base_classes}-way" if base_classes else "all base classes"
     novel_way = f"{ways}-way " if ways else ""
     labels = {ACCURACY_SERIES: f"base classes (held-out images, {base_way})"}
-    figure = _new_figure(1, 6.4, 4.4)
+    figure = _new_figure(1, 6.4, 5.0)
     with sns.axes_style("whitegrid"):
         ax = figure.add_subplot(1, 1, 1)
     for index, name in enumerate(series):
         label = labels.get(name, f"novel classes, {novel_way}{name.split()[1]}")
         _draw_series(ax, rows, name, label, colors[index], "osD^v"[index % 5])
-    ax.axvline(0.0, linestyle=":", color="0.35", linewidth=1.2, label="m = 0")
-    ax.set_xlabel(_margin_label(metric))
+    _margin_axis(ax, metric)
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"{title}\n{_seed_note(rows)}", fontsize=10)
-    ax.legend(fontsize=8, loc="best")
+    ax.set_title(f"{title}: accuracy against the margin\n{_seed_note(rows)}", fontsize=10)
+    figure.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize=8)
     return figure
 
 
@@ -181,8 +183,7 @@ def discriminability_figure(rows: list[dict[str, Any]], title: str, metric: str 
         strict=True,
     ):
         _draw_series(ax, rows, series, series, color, marker)
-        ax.axvline(0.0, linestyle=":", color="0.35", linewidth=1.2)
-        ax.set_xlabel(_margin_label(metric))
+        _margin_axis(ax, metric)
         ax.set_ylabel("inter / intra-class variance ratio (unitless)")
         ax.set_title(heading, fontsize=10)
     figure.suptitle(f"{title}: feature discriminability (L2-normalised features)\n{_seed_note(rows)}", fontsize=10)
@@ -214,8 +215,9 @@ def plot_margins(metrics: dict[str, Any], dataset: str, arch: str, out_dir: str 
 
 
 def parse_labelled_path(text: str) -> tuple[float, Path]:
-    """``LABEL=PATH`` with LABEL a margin (it may start with '-'): split on the last '='."""
-    label, sep, path = text.rpartition("=")
+    """``MARGIN=PATH`` (the margin may start with '-'). A number holds no '=', so the first '=' ends the
+    label and a path may itself contain '=' (e.g. ``-0.2=runs/m=-0.2/novel.npz``)."""
+    label, sep, path = text.partition("=")
     if not sep or not label or not path:
         raise UserError(f"bad --features value {text!r}: expected MARGIN=FILE.npz, e.g. -0.2=novel.npz")
     try:
@@ -232,7 +234,8 @@ def tsne_embeddings(panels: Sequence[tuple[float, dict[str, np.ndarray]]], class
     The classes are drawn with ``seed`` among the class names every panel shares, so all panels show the same
     classes; within a class, ``per_class`` samples are drawn with the same seed (the same images when the
     panels are features of the same split). Features are L2-normalised first (what the cosine head sees);
-    sklearn's TSNE runs with init='pca' and random_state=seed.
+    sklearn's TSNE runs with init='pca', random_state=seed, perplexity min(30, (n - 1) / 3), exact up to
+    EXACT_TSNE_MAX points.
     """
     from sklearn.manifold import TSNE
 
@@ -263,8 +266,9 @@ def tsne_embeddings(panels: Sequence[tuple[float, dict[str, np.ndarray]]], class
         points = l2_normalize(arrays["features"][indices].astype(np.float64))
         if len(points) < 3:
             raise UserError(f"panel m = {format_margin(margin)}: {len(points)} samples, too few for t-SNE")
+        # Exact gradients for the few hundred points a panel usually holds: faster there than Barnes-Hut.
         tsne = TSNE(n_components=2, perplexity=min(30.0, (len(points) - 1) / 3.0), init="pca",
-                    random_state=seed)
+                    random_state=seed, method="exact" if len(points) <= EXACT_TSNE_MAX else "barnes_hut")
         embedded = tsne.fit_transform(points)
         rows += [{"panel": panel, "margin": margin, "class": name, "x": float(x), "y": float(y)}
                  for name, (x, y) in zip(point_classes, embedded, strict=True)]

@@ -401,12 +401,14 @@ def _series(entries: list[dict[str, Any]], pick) -> list[tuple[float, dict[str, 
 
 
 def peak_statement(name: str, points: list[tuple[float, dict[str, Any]]]) -> str:
-    """Where a series peaks, whether that margin is negative, and how it compares with m = 0."""
+    """Does the series peak at a negative margin? Answered from the means, with the gap over m = 0."""
     if len(points) < 2:
-        return f"- {name}: fewer than two margins, no peak can be stated."
+        return f"- Does {name} peak at a negative margin? Fewer than two margins: no peak can be stated."
     best_margin, best = max(points, key=lambda point: point[1]["mean"])
-    sign = "negative" if best_margin < 0 else ("zero" if best_margin == 0 else "positive")
-    text = f"- {name} peaks at m = {format_margin(best_margin)}, a **{sign}** margin ({best['mean']:.2f})"
+    where = "negative" if best_margin < 0 else ("zero" if best_margin == 0 else "positive")
+    answer = "Yes" if best_margin < 0 else "No"
+    text = (f"- Does {name} peak at a negative margin? **{answer}**: it peaks at m = {format_margin(best_margin)} "
+            f"({where}, {best['mean']:.2f})")
     zero = next((stat for margin, stat in points if margin == 0), None)
     if zero is not None and best_margin != 0:
         gap = best["mean"] - zero["mean"]
@@ -420,33 +422,36 @@ def peak_statement(name: str, points: list[tuple[float, dict[str, Any]]]) -> str
 
 
 def trend_statement(name: str, points: list[tuple[float, dict[str, Any]]]) -> str:
-    """Whether a series rises with the margin: strictly at every step, overall (Spearman ρ > 0), or not."""
+    """Does the series rise with the margin? Yes at every step, mostly (Spearman ρ > 0), or no."""
     if len(points) < 2:
-        return f"- {name}: fewer than two margins, no trend can be stated."
+        return f"- Does {name} rise with the margin? Fewer than two margins: no trend can be stated."
     points = sorted(points, key=lambda point: point[0])
     means = [stat["mean"] for _, stat in points]
     rho = spearman([margin for margin, _ in points], means)
     steps = [b - a for a, b in zip(means, means[1:], strict=False)]
     if all(step > 0 for step in steps):
-        verdict = "**rises** with the margin at every step"
+        verdict = "**Yes**, at every step"
     elif rho is not None and rho > 0:
-        verdict = "**rises overall** with the margin, but not at every step"
+        verdict = "**Mostly**: it rises overall, but not at every step"
     elif all(step < 0 for step in steps):
-        verdict = "**falls** with the margin at every step"
+        verdict = "**No**: it falls at every step"
+    elif rho is not None and rho < 0:
+        verdict = "**No**: it falls overall"
     else:
-        verdict = "**does not rise** with the margin"
+        verdict = "**No**: no monotone trend"
     rho_text = "undefined" if rho is None else f"{rho:+.2f}"
-    return (f"- {name} {verdict} (Spearman ρ = {rho_text}; {means[0]:.2f} at m = {format_margin(points[0][0])}, "
-            f"{means[-1]:.2f} at m = {format_margin(points[-1][0])}).")
+    return (f"- Does {name} rise with the margin? {verdict} (Spearman ρ = {rho_text}; {means[0]:.2f} at "
+            f"m = {format_margin(points[0][0])}, {means[-1]:.2f} at m = {format_margin(points[-1][0])}).")
 
 
 def render_summary(metrics: dict[str, Any]) -> str:
     """Per dataset and arch: the margin sweep with seed CIs, and plain statements computed from it."""
+    ways = _describe(run.get("ways") for run in metrics["runs"])
     lines = [
         "# Margin sweep summary",
         "",
         "Mean ± 95% CI across training seeds (Student t; n = seeds; no CI with one seed). Accuracies in %, "
-        "novel accuracy on 5-way test episodes, base accuracy on held-out base-class images, "
+        f"novel accuracy on {ways}-way test episodes, base accuracy on held-out base-class images, "
         "discriminability = inter/intra-class variance ratio of L2-normalised features.",
         "",
     ]
@@ -465,12 +470,12 @@ def render_summary(metrics: dict[str, Any]) -> str:
                _pm(entry.get("novel_discriminability"), 3)]
             for entry in entries
         ]
-        statements = [peak_statement(f"Novel {shot}-shot accuracy", _series(entries, lambda e, s=shot: e["novel"].get(str(s))))
+        statements = [peak_statement(f"novel {shot}-shot accuracy", _series(entries, lambda e, s=shot: e["novel"].get(str(s))))
                       for shot in shots]
-        statements.append(trend_statement("Base accuracy", _series(entries, lambda e: e.get("base_accuracy"))))
-        statements.append(trend_statement("Base discriminability",
+        statements.append(trend_statement("base accuracy", _series(entries, lambda e: e.get("base_accuracy"))))
+        statements.append(trend_statement("base discriminability",
                                           _series(entries, lambda e: e.get("base_discriminability"))))
-        statements.append(peak_statement("Novel discriminability",
+        statements.append(peak_statement("novel discriminability",
                                          _series(entries, lambda e: e.get("novel_discriminability"))))
         lines += [f"## {dataset} / {arch}", "", *_markdown_table(header, rows), "", *statements, ""]
     return "\n".join(lines)

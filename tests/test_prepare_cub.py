@@ -1,0 +1,187 @@
+"""CUB-200-2011 preparation from a tiny CUB_200_2011.tgz in the real layout (real class names)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+from archives import cub_class_names, make_cub_tgz
+from http_server import FileServer
+
+from negmargin.cli import main
+from negmargin.data.cub import committed_split, prepare_cub, split_by_rule
+from negmargin.data.store import load_split
+from negmargin.errors import UserError
+
+BASE_IDS, VAL_IDS, NOVEL_IDS = [1, 3, 5], [2, 6], [4, 8]
+PER_CLASS = 6
+
+
+@pytest.fixture(scope="module")
+def cub_tgz(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cub") / "CUB_200_2011.tgz"
+    colors = make_cub_tgz(path, sorted(BASE_IDS + VAL_IDS + NOVEL_IDS), images_per_class=PER_CLASS)
+    return path, colors
+
+
+def _names(ids):
+    names = cub_class_names()
+    return [names[i - 1] for i in ids]
+
+
+def test_rule_matches_the_committed_and_torchmeta_lists():
+    split = committed_split()
+    assert [len(split[s]) for s in ("base", "val", "novel")] == [100, 50, 50]
+    assert split["base"][:3] == ["001.Black_footed_Albatross", "003.Sooty_Albatross", "005.Crested_Auklet"]
+    assert split["val"][0].startswith("002.") and split["novel"][0].startswith("004.")
+    from negmargin.data.benchmark import split_file
+
+    for ours, theirs in (("base", "train"), ("val", "val"), ("novel", "test")):
+        assert split[ours] == json.loads(split_file(f"CUB/torchmeta/{theirs}.json"))
+    assert split_by_rule(list(reversed(cub_class_names()))) == split  # the rule sorts first
+
+
+def test_prepare_from_tgz(cub_tgz, tmp_path):
+    tgz, colors = cub_tgz
+    out = tmp_path / "cub"
+    summary = prepare_cub(
+        tgz, out, raw_dir=tmp_path / "raw", image_size=16, base_holdout=2, expect_full=False
+    )
+    base, holdout = load_split(out / "base"), load_split(out / "base_holdout")
+    val, novel = load_split(out / "val"), load_split(out / "novel")
+    assert base.class_names == holdout.class_names == _names(BASE_IDS)
+    assert val.class_names == _names(VAL_IDS) and novel.class_names == _names(NOVEL_IDS)
+    assert (len(base), len(holdout), len(val), len(novel)) == (3 * 4, 3 * 2, 2 * PER_CLASS, 2 * PER_CLASS)
+    assert np.bincount(holdout.labels).tolist() == [2, 2, 2]
+    assert not set(base.image_ids) & set(holdout.image_ids)
+    assert set(base.image_ids) | set(holdout.image_ids) == {k for k in colors if int(k[:3]) in BASE_IDS}
+    for split in (base, holdout, val, novel):
+        assert split.images.shape[1:] == (16, 16, 3) and split.pipeline == "imagenet84"
+        for image, label, image_id in zip(split.images, split.labels, split.image_ids, strict=True):
+            assert image_id.split("/")[0] == split.class_names[label]
+            # The centre square only: the black side strips of the 48x32 original must be cropped away.
+            expected = np.array(colors[image_id], dtype=np.int16)
+            assert np.abs(image.astype(np.int16) - expected).max() <= 6, image_id
+    # Classes are written in order, images within a class sorted by file name.
+    assert base.image_ids == sorted(base.image_ids)
+    prepared = json.loads((out / "prepared.json").read_text())
+    assert prepared == summary
+    assert prepared["source_md5"] == hashlib.md5(tgz.read_bytes()).hexdigest()
+    assert prepared["splits"]["base"] == {"classes": 3, "images": 12}
+    assert prepared["base_holdout"] == 2 and prepared["expect_full"] is False and prepared["image_size"] == 16
+
+
+def test_holdout_choice_is_seeded(cub_tgz, tmp_path):
+    tgz, _ = cub_tgz
+    ids = []
+    for seed in (0, 0, 1):
+        out = tmp_path / f"cub{len(ids)}"
+        prepare_cub(
+            tgz, out, raw_dir=tmp_path / "raw", image_size=8, base_holdout=2, seed=seed, expect_full=False
+        )
+        ids.append(load_split(out / "base_holdout").image_ids)
+    assert ids[0] == ids[1] and ids[0] != ids[2]
+
+
+def test_download_over_http_then_prepare(cub_tgz, tmp_path):
+    tgz, _ = cub_tgz
+    data = tgz.read_bytes()
+    with FileServer() as server:
+        url = server.add("/records/x/files/CUB_200_2011.tgz", data, mode="drop")
+        summary = prepare_cub(
+            url + "?download=1",
+            tmp_path / "cub",
+            raw_dir=tmp_path / "raw",
+            md5=hashlib.md5(data).hexdigest(),
+            size=len(data),
+            image_size=8,
+            base_holdout=1,
+            expect_full=False,
+        )
+        assert len(server.requests_for("/records/x/files/CUB_200_2011.tgz")) == 2  # dropped, then resumed
+    assert (tmp_path / "raw" / "CUB_200_2011.tgz").read_bytes() == data
+    assert (tmp_path / "raw" / "cub" / "CUB_200_2011" / "images").is_dir()
+    assert summary["splits"]["val"] == {"classes": 2, "images": 12}
+
+
+def test_production_path_asserts_the_real_dataset(cub_tgz, tmp_path):
+    tgz, _ = cub_tgz
+    # Without explicit checks the official archive's size (checked first: cheap) and md5 are required.
+    with pytest.raises(UserError, match=f"size is {tgz.stat().st_size} bytes, expected 1150585339"):
+        prepare_cub(tgz, tmp_path / "cub", raw_dir=tmp_path / "raw")
+    md5 = hashlib.md5(tgz.read_bytes()).hexdigest()
+    with pytest.raises(UserError, match="7 class folders, expected 200"):
+        prepare_cub(tgz, tmp_path / "cub", raw_dir=tmp_path / "raw", md5=md5)
+    assert not (tmp_path / "cub").exists()
+
+
+def test_folder_source_and_bad_folders(cub_tgz, tmp_path):
+    tgz, _ = cub_tgz
+    with tarfile.open(tgz) as tar:
+        tar.extractall(tmp_path / "src", filter="data")
+    summary = prepare_cub(tmp_path / "src", tmp_path / "cub", image_size=8, base_holdout=1, expect_full=False)
+    assert summary["source_kind"] == "folder" and summary["source_sha256"] is None
+    images = tmp_path / "src" / "CUB_200_2011" / "images"
+    stray = images / "001.Black_footed_Albatross" / "stray.jpg"
+    stray.write_bytes(b"x")
+    with pytest.raises(UserError, match="does not match images.txt"):
+        prepare_cub(tmp_path / "src", tmp_path / "cub2", expect_full=False)
+    stray.unlink()
+    (images / "999.Dodo").mkdir()
+    with pytest.raises(UserError, match="unknown class folder '999.Dodo'"):
+        prepare_cub(tmp_path / "src", tmp_path / "cub2", expect_full=False)
+    (images / "999.Dodo").rmdir()
+    with pytest.raises(UserError, match="too few to hold out 6"):
+        prepare_cub(tmp_path / "src", tmp_path / "cub2", base_holdout=6, expect_full=False)
+    with pytest.raises(UserError, match="at least 1"):
+        prepare_cub(tmp_path / "src", tmp_path / "cub2", base_holdout=0, expect_full=False)
+    with pytest.raises(UserError, match="no CUB_200_2011/images"):
+        prepare_cub(tmp_path, tmp_path / "cub2", expect_full=False)
+
+
+def test_cli_prepare_cub(cub_tgz, tmp_path, capsys):
+    tgz, _ = cub_tgz
+    out = tmp_path / "data" / "cub"
+    code = main(
+        [
+            "prepare",
+            "cub",
+            "--source",
+            str(tgz),
+            "--raw-dir",
+            str(tmp_path / "raw"),
+            "--out",
+            str(out),
+            "--fixture",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "base: 3 classes, 3 images" in printed and "base_holdout: 3 classes, 15 images" in printed
+    assert load_split(out / "base").images.shape[1:] == (96, 96, 3)  # the default size
+    assert len(load_split(out / "base_holdout")) == 3 * 5  # the default hold-out: 5 per base class
+    # Bad input: one line, exit 2, no traceback (a fresh process, as a user runs it).
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "negmargin",
+            "prepare",
+            "cub",
+            "--source",
+            str(tmp_path / "nowhere.tgz"),
+            "--out",
+            str(tmp_path / "x"),
+            "--fixture",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("negmargin prepare: error:") and "nowhere.tgz" in result.stderr
