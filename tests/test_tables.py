@@ -252,3 +252,22 @@ def test_cli_bad_input_is_one_line(repo, capsys):
                                                        "--margin", "0", "--reference", "conv4=1", "--out", "t.md"])
     Path("wrong.json").write_text(json.dumps({"runs": []}))
     assert "missing keys" in _one_line_error(capsys, ["summary", "--metrics", "wrong.json", "--out", "s.md"])
+
+
+def test_table_margin_per_arch(tmp_path, monkeypatch, capsys):
+    """tiered-ImageNet's configs use one margin per backbone (conv4 -0.02, resnet12 -0.01)."""
+    monkeypatch.chdir(tmp_path)
+    runs = [make_run(Path("a"), dataset="tiered", arch="conv4", margin=-0.02, novel={1: (54.0, 0.5)}),
+            make_run(Path("b"), dataset="tiered", arch="conv4", margin=-0.01, novel={1: (50.0, 0.5)}),
+            make_run(Path("c"), dataset="tiered", arch="resnet12", margin=-0.01, novel={1: (66.0, 0.5)})]
+    assert main(["metrics", "--runs", *map(str, runs), "--out", "m.json"]) == 0
+    assert main(["table", "--metrics", "m.json", "--dataset", "tiered", "--margin=conv4=-0.02",
+                 "--margin=resnet12=-0.01", "--reference", "conv4:1=54.07", "--out", "t.md"]) == 0
+    text = Path("t.md").read_text()
+    assert "## Margin m = conv4 -0.02, resnet12 -0.01" in text
+    _, rows = _table_rows(text, "| Arch |")
+    main_rows = [(row[0], row[5]) for row in rows[:2]]
+    assert main_rows == [("conv4", "54.00"), ("resnet12", "66.00")]
+    capsys.readouterr()
+    assert "names arch 'wrn'" in _one_line_error(capsys, ["table", "--metrics", "m.json", "--dataset", "tiered",
+                                                         "--margin=wrn=-0.1", "--out", "t.md"])

@@ -18,6 +18,7 @@ def _prepare_omniglot(args: argparse.Namespace) -> None:
         base_holdout=args.base_holdout,
         rotations=tuple(args.rotations),
         seed=args.seed,
+        max_classes=args.max_classes,
     )
     for split, counts in summary["splits"].items():
         print(f"{split}: {counts['classes']} classes, {counts['images']} images")
@@ -137,6 +138,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="rotation-augmented classes, e.g. 0 90 180 270 (default 0: no augmentation)",
     )
     omni.add_argument("--seed", type=int, default=0, help="seed of the held-out drawer choice")
+    omni.add_argument("--max-classes", type=int, default=None,
+                      help="keep only the first N characters of each split (tiny test runs; default: all)")
     omni.set_defaults(func=_prepare_omniglot)
 
     for dataset in PAPER_DATASETS:
@@ -150,7 +153,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "stored pre-resized (short side to --image-size, centre square), RGB uint8; see docs/datasets.md.",
         )
         sub.add_argument(
-            "--source", metavar="PATH_OR_URL", required=dataset == "tiered-imagenet", help=source_help
+            "--source", metavar="PATH_OR_URL", default=None, help=source_help
         )
         _add_checks(sub)
         sub.add_argument(

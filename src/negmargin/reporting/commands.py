@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import re
 
+from negmargin.errors import UserError
+
 _MARGIN_LABEL = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?=")
 
 
@@ -37,12 +39,31 @@ def _metrics(args: argparse.Namespace) -> None:
     print(f"{len(metrics['runs'])} runs, {len(metrics['aggregate'])} (dataset, arch, margin) groups -> {args.out}")
 
 
+def _parse_margins(values: list[str] | None) -> float | dict[str, float] | None:
+    """`--margin M` (every arch) or `--margin ARCH=M` (repeatable, one per arch)."""
+    if not values:
+        return None
+    per_arch: dict[str, float] = {}
+    for text in values:
+        arch, _, number = text.rpartition("=") if "=" in text else ("", "", text)
+        try:
+            value = float(number)
+        except ValueError:
+            raise UserError(f"bad --margin {text!r}: expected a number or ARCH=NUMBER, e.g. conv4=-0.02") from None
+        if not arch:
+            if len(values) > 1:
+                raise UserError("give either one --margin NUMBER or one --margin ARCH=NUMBER per arch")
+            return value
+        per_arch[arch] = value
+    return per_arch
+
+
 def _table(args: argparse.Namespace) -> None:
     from negmargin.reporting.tables import load_metrics, parse_reference, render_table
 
     references = dict(parse_reference(text) for text in args.reference)
     metrics = load_metrics(args.metrics)
-    render_table(metrics, args.dataset, references, args.out, margin=args.margin,
+    render_table(metrics, args.dataset, references, args.out, margin=_parse_margins(args.margin),
                  reference_source=args.reference_source, metrics_name=args.metrics, root=args.root)
     print(f"{args.dataset} table -> {args.out}")
 
@@ -106,8 +127,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     table.add_argument("--metrics", required=True, help="results/metrics.json from `negmargin metrics`")
     table.add_argument("--dataset", required=True, help="dataset name as in train.json, e.g. cub")
-    table.add_argument("--margin", type=float, default=None,
-                       help="margin of the main table (required when the dataset has runs at several margins)")
+    table.add_argument("--margin", action="append", default=None, metavar="[ARCH=]M",
+                       help="margin of the main table, for every arch or per arch (ARCH=M, repeatable); "
+                       "required when the dataset has runs at several margins; write --margin=-0.1")
     table.add_argument("--reference", action="append", default=[], metavar="ARCH:SHOT=ACC",
                        help="published accuracy to compare with, e.g. conv4:1=64.08 (repeatable)")
     table.add_argument("--reference-source", default=None, metavar="TEXT",

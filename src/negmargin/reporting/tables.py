@@ -257,7 +257,7 @@ def _table_margin(runs: list[dict[str, Any]], dataset: str, margin: float | None
 
 
 def render_table(metrics: dict[str, Any], dataset: str, references: dict[tuple[str, int], float] | None,
-                 out_path: str | os.PathLike, margin: float | None = None, reference_source: str | None = None,
+                 out_path: str | os.PathLike, margin: float | dict[str, float] | None = None, reference_source: str | None = None,
                  metrics_name: str = "results/metrics.json", root: str | os.PathLike = ".") -> str:
     """Markdown results table of one dataset, in mmfewshot's columns; written atomically to ``out_path``.
 
@@ -269,15 +269,28 @@ def render_table(metrics: dict[str, Any], dataset: str, references: dict[tuple[s
     root, out_path = Path(root), Path(out_path)
     table_dir = out_path.parent
     runs = dataset_runs(metrics, dataset)
-    table_margin = _table_margin(runs, dataset, margin)
-    chosen = [run for run in runs if run["margin"] == table_margin]
+    arch_names = sorted({run["arch"] for run in runs})
+    if isinstance(margin, dict):
+        unknown = sorted(set(margin) - set(arch_names))
+        if unknown:
+            raise UserError(f"--margin names arch {unknown[0]!r}, but {dataset} has runs for {', '.join(arch_names)}")
+    margins_by_arch = {
+        arch: _table_margin([run for run in runs if run["arch"] == arch], f"{dataset}/{arch}",
+                            margin.get(arch) if isinstance(margin, dict) else margin)
+        for arch in arch_names
+    }
+    chosen = [run for run in runs if run["margin"] == margins_by_arch[run["arch"]]]
+    distinct_margins = sorted(set(margins_by_arch.values()))
+    table_margin = distinct_margins[0] if len(distinct_margins) == 1 else None
+    margin_text = (format_margin(table_margin) if table_margin is not None
+                   else ", ".join(f"{arch} {format_margin(m)}" for arch, m in margins_by_arch.items()))
 
     rows_at_margin = [(run, int(shot), result) for run in chosen for shot, result in run["shots"].items()]
     rows_at_margin.sort(key=lambda item: (item[0]["arch"], item[1], item[0]["seed"]))
     unused = [key for key in references if not any((r["arch"], s) == key for r, s, _ in rows_at_margin)]
     if unused:
         names = ", ".join(f"{arch}:{shot}" for arch, shot in unused)
-        raise UserError(f"reference {names} matches no {dataset} result at margin {format_margin(table_margin)}")
+        raise UserError(f"reference {names} matches no {dataset} result at margin {margin_text}")
 
     header = ["Arch", "Input Size", "Batch Size", "way", "shot", "mean Acc", "std", "ckpt", "log", "seed"]
     if references:
@@ -302,14 +315,15 @@ def render_table(metrics: dict[str, Any], dataset: str, references: dict[tuple[s
     lines = [
         f"# {dataset}: negative-margin results",
         "",
-        f"## Margin m = {format_margin(table_margin)} ({metric} head, temperature {temperature})",
+        f"## Margin m = {margin_text} ({metric} head, temperature {temperature})",
         "",
         *_markdown_table(header, rows),
         "",
     ]
 
     seed_groups = [entry for entry in metrics["aggregate"]
-                   if entry["dataset"] == dataset and entry["margin"] == table_margin and entry["n_seeds"] > 1]
+                   if entry["dataset"] == dataset and entry["arch"] in margins_by_arch
+                   and entry["margin"] == margins_by_arch[entry["arch"]] and entry["n_seeds"] > 1]
     if seed_groups:
         mean_header = ["Arch", "shot", "seeds", "mean Acc", "95% CI (seeds)"] + (["reference", "Δ"] if references else [])
         mean_rows = []

@@ -1,0 +1,29 @@
+# Negative Margin Matters (Liu et al., ECCV 2020): prepare -> train -> select -> features -> metatest ->
+# analyze -> metrics, tables, plots, summary. See docs/workflow.md; the contract is docs/architecture.md.
+from snakemake.utils import min_version, validate
+
+min_version("8.20")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+
+
+check_config()
+
+
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        final_outputs(),

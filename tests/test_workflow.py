@@ -1,0 +1,436 @@
+"""The Snakemake workflow: lint, formatting, dry runs of the default and paper configurations, DVC files,
+and an end-to-end run of the real Snakefile on .test/config.yaml in a copy of the repository.
+
+The end-to-end run takes a few minutes on 2 CPU cores; it runs once per session (module fixture) and the
+tests after it read its outputs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOW_FILES = ["Snakefile", "workflow", "config", ".test", "envs", "dvc.yaml", "data.dvc", ".dvcignore"]
+REPORTING_RULES = {"metrics", "table", "plot_margins", "plot_tsne", "summary", "all"}
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def job_env() -> dict[str, str]:
+    """Jobs call `python -m negmargin`: put this interpreter's environment first on PATH."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def snakemake(*args: str, cwd: Path, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", *args],
+        cwd=cwd,
+        env=job_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"snakemake {' '.join(args)} failed ({result.returncode}):\n"
+            f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        )
+    return result
+
+
+def copy_workflow(dest: Path) -> Path:
+    """The workflow files copied, resources/ copied (data is prepared from it), src/ linked (the code under
+    test)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in WORKFLOW_FILES:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, dest / name)
+        elif source.exists():
+            shutil.copy2(source, dest / name)
+    shutil.copytree(REPO / "resources", dest / "resources")
+    (dest / "src").symlink_to(REPO / "src", target_is_directory=True)
+    return dest
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The 'Job stats' table of a dry run: rule -> number of jobs."""
+    match = re.search(r"Job stats:\n.*?\n-+\s+-+\n(.*?)\n\s*\n", output + "\n\n", re.S)
+    assert match, f"no job stats in:\n{output[-3000:]}"
+    counts = {}
+    for line in match.group(1).splitlines():
+        rule, count = line.split()
+        counts[rule] = int(count)
+    assert counts.pop("total") == sum(counts.values())
+    return counts
+
+
+def merged_config(*files: Path) -> dict:
+    """Config files merged as Snakemake merges them: mappings key by key, everything else replaced."""
+
+    def merge(base: dict, over: dict) -> dict:
+        out = dict(base)
+        for key, value in over.items():
+            out[key] = (
+                merge(out[key], value)
+                if isinstance(value, dict) and isinstance(out.get(key), dict)
+                else value
+            )
+        return out
+
+    config: dict = {}
+    for path in files:
+        config = merge(config, yaml.safe_load(path.read_text()))
+    return config
+
+
+def grid(config: dict) -> list[tuple[str, str, float, int]]:
+    runs = []
+    for dataset in config["run_datasets"]:
+        cfg = config["datasets"][dataset]
+        for arch in cfg["archs"]:
+            margins = cfg["margins"][arch] if isinstance(cfg["margins"], dict) else cfg["margins"]
+            runs += [(dataset, arch, float(m), int(s)) for m in margins for s in cfg["seeds"]]
+    return runs
+
+
+def expected_jobs(config: dict, mode: str = "shared") -> dict[str, int]:
+    runs = grid(config)
+    shots = config["metatest"]["shots"]
+    pairs = {(d, a) for d, a, _, _ in runs}
+    novel_features = 1 if mode == "shared" else len(shots)
+    return {
+        "prepare": len(config["run_datasets"]),
+        "train": len(runs),
+        "select": len(runs) * len(shots),
+        "features": len(runs) * (novel_features + 1),  # + base_holdout of the analysed checkpoint
+        "metatest": len(runs) * len(shots),
+        "analyze": len(runs),
+        "metrics": 1,
+        "table": len(config["run_datasets"]),
+        "plot_margins": len(pairs),
+        "plot_tsne": len(pairs),
+        "summary": 1,
+        "all": 1,
+    }
+
+
+def margin_label(value: float) -> str:
+    label = f"{float(value) + 0.0:.6f}".rstrip("0")
+    return f"{label}0" if label.endswith(".") else label
+
+
+@pytest.fixture(scope="module")
+def dry_copy(tmp_path_factory) -> Path:
+    return copy_workflow(tmp_path_factory.mktemp("dry") / "repo")
+
+
+# ------------------------------------------------------------------------------------ lint and formatting
+
+
+def test_snakemake_lint_has_no_findings():
+    result = snakemake("--lint", cwd=REPO, check=False)
+    output = result.stdout + result.stderr
+    findings = re.findall(r"(?m)^Lints for .*$|^\s+\* (.*):$", output)
+    assert result.returncode == 0 and "Congratulations" in output and not findings, output
+
+
+def test_snakefmt_check():
+    snakefmt = shutil.which("snakefmt", path=str(Path(sys.executable).parent)) or shutil.which("snakefmt")
+    if snakefmt is None:
+        pytest.skip("snakefmt is not installed (pip install snakefmt)")
+    result = subprocess.run(
+        [snakefmt, "--check", "Snakefile", "workflow"], cwd=REPO, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------------------------------------- dry runs
+
+
+def test_dry_run_of_the_default_config(dry_copy):
+    result = snakemake("-n", cwd=dry_copy)
+    config = merged_config(dry_copy / "config" / "config.yaml")
+    assert job_counts(result.stdout) == expected_jobs(config)
+    assert len(grid(config)) == 12  # omniglot x conv4 x 6 margins x 2 seeds
+    assert "gpu=" not in result.stdout  # a CPU run requests no GPU resource at all
+
+
+def test_dry_run_of_the_paper_config(dry_copy):
+    result = snakemake("-n", "-p", "--configfile", "config/paper.yaml", cwd=dry_copy)
+    config = merged_config(dry_copy / "config" / "config.yaml", dry_copy / "config" / "paper.yaml")
+    counts = job_counts(result.stdout)
+    assert counts == expected_jobs(config)
+    assert (
+        counts["train"] == 6
+    )  # {cub, mini_imagenet, tiered_imagenet} x {conv4, resnet12} x 1 margin x 1 seed
+    # mmfewshot's hyper-parameters reach the command line, and training asks for a GPU
+    train_commands = re.findall(r"python -m negmargin train .*", result.stdout)
+    assert len(train_commands) == 6
+    tiered_conv4 = next(c for c in train_commands if "tiered_imagenet --arch conv4" in c)
+    for flag in (
+        "--margin=-0.02",
+        "--num-classes 351",
+        "--epochs 100",
+        "--lr-steps 30 60",
+        "--warmup-iters 5000",
+        "--warmup-ratio 0.25",
+        "--lr 0.05",
+        "--momentum 0.9",
+        "--weight-decay 0.0001",
+        "--batch-size 64",
+        "--temperature 10.0",
+        "--val-every 5",
+        "--val-episodes 100",
+        "--val-shots 1",
+        "--device cuda",
+    ):
+        assert flag in tiered_conv4, (flag, tiered_conv4)
+    mini = next(c for c in train_commands if "mini_imagenet --arch resnet12" in c)
+    assert "--num-classes 100" in mini and "--margin=-0.005" in mini and "--lr-steps 60 120" in mini
+    gpu_jobs = re.findall(r"(?m)^\s+resources:.*\bgpu=1\b", result.stdout)
+    assert len(gpu_jobs) == counts["train"] + counts["features"]
+    cub = re.search(r"python -m negmargin prepare cub .*", result.stdout).group(0)
+    assert (
+        "--md5 97eceeb196236b17998738112f37df78" in cub and "--size 1150585339" in cub and "--mirror" in cub
+    )
+    # mini-ImageNet has no source until the user sets one: the job would stop with a message naming the key
+    assert "datasets.mini_imagenet.prepare.source is not set" in result.stderr
+
+
+def test_dry_run_with_per_shot_selection(dry_copy):
+    result = snakemake("-n", "-p", "--config", "selection_mode=per-shot", cwd=dry_copy)
+    config = merged_config(dry_copy / "config" / "config.yaml")
+    assert job_counts(result.stdout) == expected_jobs(config, mode="per-shot")
+    assert "--val-shots 1 5" in result.stdout
+    assert "features/5shot_novel.npz" in result.stdout
+
+
+def test_an_invalid_config_is_rejected(dry_copy, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("datasets:\n  omniglot:\n    margins: [-0.1, oops]\n")
+    result = snakemake("-n", "--configfile", str(bad), cwd=dry_copy, check=False)
+    assert result.returncode != 0 and "oops" in result.stdout + result.stderr
+
+
+# -------------------------------------------------------------------------------------------------- DVC
+
+
+def test_dvc_files_parse():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    stage = stages["workflow"]
+    assert stage["cmd"].startswith("snakemake")
+    assert {"Snakefile", "workflow", "config/config.yaml", "src", "resources"} <= set(stage["deps"])
+    metrics = [next(iter(entry)) for entry in stage["metrics"]]
+    assert metrics == ["results/metrics.json"]
+    assert all(
+        next(iter(entry.values())).get("cache") is False for entry in stage["metrics"] + stage["plots"]
+    )
+    data = yaml.safe_load((REPO / "data.dvc").read_text())
+    (out,) = data["outs"]
+    assert out["path"] == "data" and re.fullmatch(r"[0-9a-f]{32}\.dir", out["md5"])
+
+
+def _dvc() -> str:
+    dvc = shutil.which("dvc", path=str(Path(sys.executable).parent)) or shutil.which("dvc")
+    if dvc is None:
+        pytest.skip("dvc is not installed (pip install dvc; it belongs to the `workflow` extra)")
+    return dvc
+
+
+def test_dvc_repro_dry_run(tmp_path):
+    dvc = _dvc()
+    repo = copy_workflow(tmp_path / "repo")
+    subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=repo, check=True, env=job_env())
+    result = subprocess.run([dvc, "repro", "--dry"], cwd=repo, capture_output=True, text=True, env=job_env())
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "snakemake --cores all" in result.stdout
+
+
+def test_data_dvc_pins_the_prepared_default_data(tmp_path):
+    """data.dvc holds the hash of what the default configuration's prepare step writes, byte for byte."""
+    dvc = _dvc()
+    repo = copy_workflow(tmp_path / "repo")
+    snakemake("--cores", "1", "data/omniglot/prepared.json", cwd=repo)
+    subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=repo, check=True, env=job_env())
+    subprocess.run([dvc, "add", "-q", "data"], cwd=repo, check=True, env=job_env())
+    ours = yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]
+    pinned = yaml.safe_load((REPO / "data.dvc").read_text())["outs"][0]
+    assert ours["md5"] == pinned["md5"], "preparation changed: regenerate data.dvc (see docs/workflow.md)"
+
+
+# --------------------------------------------------------------------------------- end-to-end (.test run)
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory) -> Path:
+    repo = copy_workflow(tmp_path_factory.mktemp("e2e") / "repo")
+    snakemake("--cores", "2", "--configfile", ".test/config.yaml", cwd=repo, timeout=1200)
+    return repo
+
+
+def read_markdown_tables(path: Path) -> list[list[dict[str, str]]]:
+    """Every pipe table of a markdown file, as rows keyed by the header."""
+    tables, lines = [], path.read_text().splitlines()
+    i = 0
+    while i < len(lines):
+        if lines[i].startswith("|") and i + 1 < len(lines) and re.match(r"^\|[-| :]+\|$", lines[i + 1]):
+            header = [c.strip() for c in lines[i].strip("|").split("|")]
+            rows, i = [], i + 2
+            while i < len(lines) and lines[i].startswith("|"):
+                rows.append(
+                    dict(zip(header, (c.strip() for c in lines[i].strip("|").split("|")), strict=True))
+                )
+                i += 1
+            tables.append(rows)
+        else:
+            i += 1
+    return tables
+
+
+def test_e2e_outputs_exist(e2e):
+    config = merged_config(e2e / "config" / "config.yaml", e2e / ".test" / "config.yaml")
+    for dataset, arch, margin, seed in grid(config):
+        run = e2e / "results" / dataset / arch / f"m{margin_label(margin)}" / f"s{seed}"
+        for name in [
+            "train/train.json",
+            "selected_1shot.json",
+            "selected_5shot.json",
+            "metatest_1shot.json",
+            "metatest_5shot.json",
+            "analysis.json",
+            "features/1shot_novel.npz",
+            "features/1shot_base_holdout.npz",
+        ]:
+            assert (run / name).is_file(), run / name
+        assert not (run / "features" / "5shot_novel.npz").exists(), "shared selection extracts features once"
+    plots = e2e / "results" / "plots" / "omniglot" / "conv4"
+    for name in ["accuracy_vs_margin", "discriminability_vs_margin", "tsne_novel"]:
+        for ext in ("png", "svg"):
+            assert (plots / f"{name}.{ext}").stat().st_size > 1000
+    assert (e2e / "results" / "summary.md").read_text().strip()
+    for family in ("prepare", "train", "select", "features", "metatest", "analyze", "report"):
+        assert list((e2e / "logs" / family).rglob("*.log")), family
+        assert list((e2e / "benchmarks" / family).rglob("*.tsv")), family
+
+
+def test_e2e_table_holds_the_metrics(e2e):
+    metrics = json.loads((e2e / "results" / "metrics.json").read_text())
+    runs = {(r["arch"], r["margin"], r["seed"]): r for r in metrics["runs"] if r["dataset"] == "omniglot"}
+    headline, *rest = read_markdown_tables(e2e / "results" / "tables" / "omniglot.md")
+    sweep = rest[-1]
+    table_margin = yaml.safe_load((e2e / ".test" / "config.yaml").read_text())["datasets"]["omniglot"][
+        "table_margin"
+    ]
+
+    assert len(headline) == 2  # conv4 x {1, 5} shots x 1 seed at the table margin
+    for row in headline:
+        run = runs[(row["Arch"], float(table_margin), int(row["seed"]))]
+        metatest = json.loads((e2e / run["run_dir"] / f"metatest_{row['shot']}shot.json").read_text())
+        assert float(row["mean Acc"]) == pytest.approx(metatest["accuracy_mean"], abs=0.006)
+        assert float(row["std"]) == pytest.approx(metatest["accuracy_ci95"], abs=0.006)
+        assert float(row["mean Acc"]) == pytest.approx(run["shots"][row["shot"]]["accuracy_mean"], abs=0.006)
+
+    assert len(sweep) == len(runs) * 2
+    for row in sweep:
+        run = runs[(row["Arch"], float(row["margin"]), int(row["seed"]))]
+        metatest = json.loads((e2e / run["run_dir"] / f"metatest_{row['shot']}shot.json").read_text())
+        assert float(row["mean Acc"]) == pytest.approx(metatest["accuracy_mean"], abs=0.006)
+        assert metatest["episodes"] == 20 and metatest["ways"] == 5 and metatest["shots"] == int(row["shot"])
+        analysis = json.loads((e2e / run["run_dir"] / "analysis.json").read_text())
+        assert float(row["base Acc"]) == pytest.approx(analysis["base_accuracy"], abs=0.006)
+
+
+def test_e2e_plot_data_holds_the_metrics(e2e):
+    metrics = json.loads((e2e / "results" / "metrics.json").read_text())
+    aggregate = {
+        entry["margin"]: entry
+        for entry in metrics["aggregate"]
+        if entry["dataset"] == "omniglot" and entry["arch"] == "conv4"
+    }
+    with open(e2e / "results" / "plots" / "omniglot" / "conv4" / "margin_analysis.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    novel = [row for row in rows if row["series"].startswith("novel") and "shot" in row["series"]]
+    assert {float(row["margin"]) for row in novel} == set(aggregate)
+    for row in novel:
+        shot = re.search(r"(\d+)-shot", row["series"]).group(1)
+        assert math.isclose(
+            float(row["mean"]), aggregate[float(row["margin"])]["novel"][shot]["mean"], abs_tol=1e-9
+        )
+    with open(e2e / "results" / "plots" / "omniglot" / "conv4" / "tsne.csv", newline="") as f:
+        panels = {float(row["margin"]) for row in csv.DictReader(f)}
+    assert panels == {-0.2, 0.0, 0.2}  # most negative, zero, most positive
+
+
+def test_e2e_nothing_left_to_do(e2e):
+    result = snakemake("-n", "--configfile", ".test/config.yaml", cwd=e2e)
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_e2e_reporting_changes_rerun_only_reporting(e2e, tmp_path):
+    overlay = tmp_path / "reporting.yaml"
+    overlay.write_text(
+        yaml.safe_dump(
+            {
+                "tsne": {"seed": 1},
+                "datasets": {
+                    "omniglot": {
+                        "table_margin": -0.2,
+                        "references": {"source": "test", "accuracy": {"conv4": {1: 50.0}}},
+                    }
+                },
+            }
+        )
+    )
+    result = snakemake("-n", "--configfile", ".test/config.yaml", str(overlay), cwd=e2e)
+    assert set(job_counts(result.stdout)) == {"table", "plot_tsne", "all"}
+
+
+def test_e2e_editing_a_report_rule_reruns_only_that_rule(e2e):
+    rules = e2e / "workflow" / "rules" / "report.smk"
+    original = rules.read_text()
+    edited = original.replace(
+        '" {params.options} --out {output.table}', '" {params.options} --root . --out {output.table}'
+    )
+    assert edited != original
+    rules.write_text(edited)
+    try:
+        result = snakemake("-n", "--configfile", ".test/config.yaml", cwd=e2e)
+    finally:
+        rules.write_text(original)
+    assert set(job_counts(result.stdout)) == {"table", "all"}
+
+
+def test_e2e_training_changes_retrain(e2e, tmp_path):
+    """The converse: a training hyper-parameter is a param of `train`, so changing it retrains."""
+    overlay = tmp_path / "train.yaml"
+    overlay.write_text(yaml.safe_dump({"datasets": {"omniglot": {"train": {"conv4": {"epochs": 2}}}}}))
+    result = snakemake("-n", "--configfile", ".test/config.yaml", str(overlay), cwd=e2e)
+    assert job_counts(result.stdout)["train"] == 3
+
+
+def test_e2e_report_renders_every_table_and_figure(e2e):
+    snakemake("--report", "results/report.html", "--configfile", ".test/config.yaml", cwd=e2e)
+    html = (e2e / "results" / "report.html").read_text()
+    for caption in (
+        "Results table of",
+        "Accuracy against the training margin",
+        "Feature discriminability",
+        "t-SNE of novel-class backbone features",
+        "Summary of the margin sweep",
+    ):
+        assert caption in html, caption

@@ -1,0 +1,399 @@
+# Helpers shared by every stage: the configured grid, path templates, and the command-line arguments each
+# rule passes to `negmargin <verb>`. Rules stay declarative; anything computed from the config lives here.
+
+import os
+import shlex
+import sys
+from pathlib import Path
+
+# ------------------------------------------------------------------------------------------- the package
+# Rules run `python -m negmargin` from this checkout's src/ folder, in whatever environment runs the job
+# (the project's virtualenv, or with --use-conda an env from envs/, which carries the third-party
+# dependencies only). Exporting PYTHONPATH here, instead of pip-installing the package into each conda env,
+# keeps the code a job runs identical to the code next to the Snakefile; see docs/workflow.md.
+# `envvars` hands the variable on to jobs of remote executors as well.
+PACKAGE_SRC = Path(workflow.basedir, "src").resolve()
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(PACKAGE_SRC)]
+    + [
+        p
+        for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+        if p and Path(p).resolve() != PACKAGE_SRC
+    ]
+)
+
+
+envvars:
+    "PYTHONPATH",
+
+
+# ------------------------------------------------------------------------------------------ path templates
+# One template per artifact, used by the rule that writes it and by every rule that reads it.
+PREPARED = "data/{dataset}/prepared.json"
+TRAIN_SUMMARY = "results/{dataset}/{arch}/m{margin}/s{seed}/train/train.json"
+SELECTION = "results/{dataset}/{arch}/m{margin}/s{seed}/selected_{shot}shot.json"
+FEATURES = "results/{dataset}/{arch}/m{margin}/s{seed}/features/{shot}shot_{split}.npz"
+METATEST = "results/{dataset}/{arch}/m{margin}/s{seed}/metatest_{shot}shot.json"
+ANALYSIS = "results/{dataset}/{arch}/m{margin}/s{seed}/analysis.json"
+RUN_DIR = "results/{dataset}/{arch}/m{margin}/s{seed}"
+METRICS = "results/metrics.json"
+TABLE = "results/tables/{dataset}.md"
+PLOTS = "results/plots/{dataset}/{arch}"
+SUMMARY = "results/summary.md"
+
+SPLITS = ("base", "base_holdout", "val", "novel")
+ARCHS = ("conv4", "resnet12")
+
+
+wildcard_constraints:
+    dataset="[a-z0-9][a-z0-9_]*",
+    arch="|".join(ARCHS),
+    margin=r"-?[0-9]+\.[0-9]+",
+    seed="[0-9]+",
+    shot="[0-9]+",
+    split="|".join(SPLITS),
+
+
+# ------------------------------------------------------------------------------------------- the grid
+
+
+def margin_label(value):
+    """The margin as it appears in paths (m-0.01, m0.0, m0.2): fixed-point, no trailing zeros."""
+    value = float(value) + 0.0  # -0.0 -> 0.0
+    label = f"{value:.6f}".rstrip("0")
+    if label.endswith("."):
+        label = f"{label}0"
+    if float(label) != value:
+        raise ValueError(f"margin {value!r} has more than 6 decimals")
+    return label
+
+
+def dataset_config(dataset):
+    return config["datasets"][dataset]
+
+
+def archs(dataset):
+    return list(dataset_config(dataset)["archs"])
+
+
+def margins(dataset, arch):
+    """The margin grid of (dataset, arch) as floats, in config order."""
+    grid = dataset_config(dataset)["margins"]
+    return [float(m) for m in (grid[arch] if isinstance(grid, dict) else grid)]
+
+
+def seeds(dataset):
+    return [int(s) for s in dataset_config(dataset)["seeds"]]
+
+
+def train_config(dataset, arch):
+    return dataset_config(dataset)["train"][arch]
+
+
+def shots():
+    return [int(s) for s in config["metatest"]["shots"]]
+
+
+def selection_shot(shot):
+    """Whose selection (and features) serves meta-test shot `shot`: under `shared` the first shot's."""
+    return shots()[0] if config["selection_mode"] == "shared" else int(shot)
+
+
+def validation_shots():
+    return [shots()[0]] if config["selection_mode"] == "shared" else shots()
+
+
+def analysis_shot():
+    """The selection whose checkpoint is analysed (base accuracy, discriminability) and drawn in t-SNE."""
+    return selection_shot(shots()[0])
+
+
+def runs():
+    """Wildcard values of every training run in the grid: (dataset, arch, margin, seed)."""
+    for d in config["run_datasets"]:
+        for a in archs(d):
+            for m in margins(d, a):
+                for s in seeds(d):
+                    yield dict(dataset=d, arch=a, margin=margin_label(m), seed=s)
+
+
+def check_config():
+    """Cross-key checks the JSON schema cannot express; a message names the key to fix."""
+    problems = []
+    for d in config["run_datasets"]:
+        if d not in config["datasets"]:
+            problems.append(
+                f"run_datasets names {d!r}, which has no entry under `datasets`"
+            )
+            continue
+        cfg = dataset_config(d)
+        for a in archs(d):
+            if a not in cfg["train"]:
+                problems.append(f"datasets.{d}.train has no block for arch {a!r}")
+        for key in ("margins", "table_margin"):
+            if isinstance(cfg.get(key), dict):
+                missing = set(archs(d)) - set(cfg[key])
+                if missing:
+                    problems.append(f"datasets.{d}.{key} lacks archs {sorted(missing)}")
+        for a, by_shot in cfg["references"]["accuracy"].items():
+            if a not in archs(d):
+                problems.append(
+                    f"datasets.{d}.references.accuracy names arch {a!r}, not in archs"
+                )
+            elif set(map(int, by_shot)) - set(shots()):
+                problems.append(
+                    f"datasets.{d}.references.accuracy.{a} names shots not in metatest.shots"
+                )
+        table_margin = cfg["table_margin"]
+        for a in archs(d):
+            chosen = (
+                table_margin.get(a) if isinstance(table_margin, dict) else table_margin
+            )
+            if chosen is not None and float(chosen) not in margins(d, a):
+                problems.append(
+                    f"datasets.{d}.table_margin {chosen} is not in the {a} margin grid"
+                )
+        if cfg["prepare"]["source"] is None:
+            print(
+                f"negmargin workflow: datasets.{d}.prepare.source is not set; "
+                "its prepare job stops and says what to download (see docs/workflow.md)",
+                file=sys.stderr,
+            )
+    if problems:
+        raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
+
+
+# ------------------------------------------------------------------------------- per-rule resources
+
+
+def rule_resource(family, key):
+    return config["resources"][family][key]
+
+
+def gpu_requested(dataset):
+    override = dataset_config(dataset)["gpu"]
+    return config["compute"]["gpu"] if override is None else override
+
+
+def gpu_count(wildcards):
+    """1 when the dataset asks for a GPU; None (unset, no sbatch flag at all) otherwise."""
+    return 1 if gpu_requested(wildcards.dataset) else None
+
+
+def gpu_model(wildcards):
+    return config["compute"]["gpu_model"] if gpu_requested(wildcards.dataset) else None
+
+
+def device_args(wildcards):
+    device = "cuda" if gpu_requested(wildcards.dataset) else config["compute"]["device"]
+    return f"--device {device}"
+
+
+# ---------------------------------------------------------------------------------- command arguments
+
+
+def cli_options(options):
+    """{'image-size': 28, 'rotations': [0, 90], 'flag': True} -> '--image-size 28 --rotations 0 90 --flag'."""
+    words = []
+    for key, value in options.items():
+        if value is None or value is False:
+            continue
+        words.append(f"--{key}")
+        if isinstance(value, list):
+            words += [str(v) for v in value]
+        elif value is not True:
+            words.append(str(value))
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def is_url(source):
+    return "://" in str(source)
+
+
+def prepare_input(wildcards):
+    """A local source is an input (a changed file re-prepares); a URL is fetched by the job."""
+    source = dataset_config(wildcards.dataset)["prepare"]["source"]
+    return {} if source is None or is_url(source) else {"source": source}
+
+
+def prepare_command(wildcards):
+    """The `negmargin prepare` sub-command of a dataset: its name with '_' spelled '-'."""
+    return wildcards.dataset.replace("_", "-")
+
+
+def prepare_args(wildcards):
+    """--source (left out while it is null: the verb then explains what to download and which key to set),
+    checksums, mirrors and the dataset's further options."""
+    prepare = dataset_config(wildcards.dataset)["prepare"]
+    options = {
+        "source": prepare["source"],
+        "md5": prepare["md5"],
+        "size": prepare["size"],
+    }
+    words = [cli_options(options)]
+    words += [f"--mirror {shlex.quote(url)}" for url in prepare["mirrors"]]
+    words.append(cli_options(prepare["options"]))
+    return " ".join(w for w in words if w)
+
+
+def train_args(wildcards):
+    """Every hyper-parameter flag of `negmargin train` for (dataset, arch); a change retrains."""
+    cfg = train_config(wildcards.dataset, wildcards.arch)
+    options = {
+        "metric": cfg["metric"],
+        "temperature": cfg["temperature"],
+        "num-classes": cfg["num_classes"],
+        "image-size": cfg["image_size"],
+        "epochs": cfg["epochs"],
+        "batch-size": cfg["batch_size"],
+        "lr": cfg["lr"],
+        "momentum": cfg["momentum"],
+        "weight-decay": cfg["weight_decay"],
+        "lr-steps": cfg["lr_steps"],
+        "lr-gamma": cfg["lr_gamma"],
+        "warmup-iters": cfg["warmup_iters"],
+        "warmup-ratio": cfg["warmup_ratio"],
+        "val-every": cfg["val_every"],
+        "val-episodes": cfg["val_episodes"],
+        "val-shots": validation_shots(),
+        "val-seed": cfg["val_seed"],
+        "checkpoint-every": cfg["checkpoint_every"],
+        "val-ways": config["metatest"]["ways"],
+        "val-queries": config["metatest"]["queries"],
+    }
+    return cli_options(options)
+
+
+def train_compute_args(wildcards):
+    compute = config["compute"]
+    options = {"amp": compute["amp"], "num-workers": compute["num_workers"]}
+    return f"{device_args(wildcards)} {cli_options(options)}"
+
+
+def novel_features_for(wildcards):
+    """Novel-class features of the checkpoint that serves `wildcards.shot` (under `shared`, the first shot's)."""
+    fields = {
+        **dict(wildcards.items()),
+        "shot": selection_shot(wildcards.shot),
+        "split": "novel",
+    }
+    return FEATURES.format(**fields)
+
+
+def analysis_inputs(wildcards):
+    fields = {**dict(wildcards.items()), "shot": analysis_shot()}
+    return {
+        "selection": SELECTION.format(**fields),
+        "base_features": FEATURES.format(**fields, split="base_holdout"),
+        "novel_features": FEATURES.format(**fields, split="novel"),
+    }
+
+
+def metatest_args(wildcards):
+    """Episode settings plus the fine-tuning overrides that are set (null keeps the verb's default)."""
+    test = config["metatest"]
+    finetune = dict(test["finetune"])
+    steps = finetune.pop("steps", None)
+    if isinstance(steps, dict):
+        steps = {int(k): v for k, v in steps.items()}.get(int(wildcards.shot))
+    options = {
+        "ways": test["ways"],
+        "queries": test["queries"],
+        "episodes": test["episodes"],
+        "seed": test["episodes_seed"],
+        "steps": steps,
+        "lr": finetune.get("lr"),
+        "momentum": finetune.get("momentum"),
+        "dampening": finetune.get("dampening"),
+        "weight-decay": finetune.get("weight_decay"),
+        "finetune-batch-size": finetune.get("batch_size"),
+        "temperature": finetune.get("temperature"),
+    }
+    return cli_options(options)
+
+
+def run_outputs(wildcards):
+    """Every file `negmargin metrics` reads, for every run in the grid."""
+    files = []
+    for run in runs():
+        files.append(TRAIN_SUMMARY.format(**run))
+        files += [SELECTION.format(**run, shot=shot) for shot in shots()]
+        files += [METATEST.format(**run, shot=shot) for shot in shots()]
+        files.append(ANALYSIS.format(**run))
+    return files
+
+
+def run_dirs():
+    return [RUN_DIR.format(**run) for run in runs()]
+
+
+def table_args(wildcards):
+    """--margin and --reference flags of `negmargin table` for one dataset."""
+    cfg = dataset_config(wildcards.dataset)
+    words = []
+    table_margin = cfg["table_margin"]
+    if isinstance(table_margin, dict):
+        chosen = {float(table_margin[a]) for a in archs(wildcards.dataset)}
+        if len(chosen) == 1:
+            words.append(f"--margin={margin_label(chosen.pop())}")
+        else:
+            words += [
+                f"--margin={a}={margin_label(table_margin[a])}"
+                for a in archs(wildcards.dataset)
+            ]
+    elif table_margin is not None:
+        words.append(f"--margin={margin_label(table_margin)}")
+    references = cfg["references"]
+    for a, by_shot in references["accuracy"].items():
+        words += [f"--reference {a}:{int(shot)}={acc}" for shot, acc in by_shot.items()]
+    if references["accuracy"] and references["source"]:
+        words.append(f"--reference-source {shlex.quote(references['source'])}")
+    return " ".join(words)
+
+
+def tsne_features(wildcards):
+    """Novel features of the most negative, the zero (or closest to zero) and the most positive margin of
+    the (dataset, arch) grid, first seed, keyed by margin label."""
+    grid = margins(wildcards.dataset, wildcards.arch)
+    picked = [min(grid), min(grid, key=abs), max(grid)]
+    seed = seeds(wildcards.dataset)[0]
+    features = {}
+    for m in picked:
+        label = margin_label(m)
+        features[label] = FEATURES.format(
+            dataset=wildcards.dataset,
+            arch=wildcards.arch,
+            margin=label,
+            seed=seed,
+            shot=analysis_shot(),
+            split="novel",
+        )
+    return features
+
+
+def tsne_args(wildcards, input):
+    return " ".join(f"--features={label}={path}" for label, path in input.items())
+
+
+def tsne_options(wildcards):
+    tsne = config["tsne"]
+    return cli_options(
+        {
+            "classes": tsne["classes"],
+            "per-class": tsne["per_class"],
+            "seed": tsne["seed"],
+        }
+    )
+
+
+def final_outputs():
+    outputs = [METRICS, SUMMARY]
+    outputs += expand(TABLE, dataset=config["run_datasets"])
+    for d in config["run_datasets"]:
+        plots = [
+            "accuracy_vs_margin.png",
+            "discriminability_vs_margin.png",
+            "tsne_novel.png",
+        ]
+        outputs += expand(f"{PLOTS}/{{plot}}", dataset=d, arch=archs(d), plot=plots)
+    return outputs

@@ -1,0 +1,100 @@
+# Stage 3: checkpoint selection, cached features, episodic meta-test and the margin analysis of each run.
+# With selection_mode `shared` every shot reuses the first shot's selection, so features/<shot>shot_* exist
+# for that shot only and nothing is extracted twice.
+
+
+rule select:
+    input:
+        train=TRAIN_SUMMARY,
+    output:
+        selection=SELECTION,
+    log:
+        "logs/select/{dataset}/{arch}/m{margin}/s{seed}/{shot}shot.log",
+    benchmark:
+        "benchmarks/select/{dataset}/{arch}/m{margin}/s{seed}/{shot}shot.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    threads: rule_resource("select", "threads")
+    resources:
+        mem_mb=rule_resource("select", "mem_mb"),
+        runtime=rule_resource("select", "runtime"),
+    params:
+        train_dir=lambda wildcards, input: os.path.dirname(input.train),
+        mode=config["selection_mode"],
+    shell:
+        "python -m negmargin select --train-dir {params.train_dir} --shot {wildcards.shot}"
+        " --mode {params.mode} --out {output.selection} > {log} 2>&1"
+
+
+rule features:
+    input:
+        selection=SELECTION,
+        prepared=PREPARED,
+    output:
+        features=FEATURES,
+    log:
+        "logs/features/{dataset}/{arch}/m{margin}/s{seed}/{shot}shot_{split}.log",
+    benchmark:
+        "benchmarks/features/{dataset}/{arch}/m{margin}/s{seed}/{shot}shot_{split}.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    threads: rule_resource("features", "threads")
+    resources:
+        mem_mb=rule_resource("features", "mem_mb"),
+        runtime=rule_resource("features", "runtime"),
+        gpu=gpu_count,
+        gpu_model=gpu_model,
+    params:
+        split=lambda wildcards, input: os.path.join(
+            os.path.dirname(input.prepared), wildcards.split
+        ),
+        batch_size=config["features"]["batch_size"],
+        device=device_args,
+    shell:
+        "python -m negmargin features --checkpoint {input.selection} --split {params.split}"
+        " --batch-size {params.batch_size} {params.device} --threads {threads}"
+        " --out {output.features} > {log} 2>&1"
+
+
+rule metatest:
+    input:
+        features=novel_features_for,
+        selection=SELECTION,
+    output:
+        result=METATEST,
+    log:
+        "logs/metatest/{dataset}/{arch}/m{margin}/s{seed}/{shot}shot.log",
+    benchmark:
+        "benchmarks/metatest/{dataset}/{arch}/m{margin}/s{seed}/{shot}shot.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    threads: rule_resource("metatest", "threads")
+    resources:
+        mem_mb=rule_resource("metatest", "mem_mb"),
+        runtime=rule_resource("metatest", "runtime"),
+    params:
+        episodes=metatest_args,
+    shell:
+        "python -m negmargin metatest --features {input.features} --shots {wildcards.shot}"
+        " {params.episodes} --threads {threads} --out {output.result} > {log} 2>&1"
+
+
+rule analyze:
+    input:
+        unpack(analysis_inputs),
+    output:
+        analysis=ANALYSIS,
+    log:
+        "logs/analyze/{dataset}/{arch}/m{margin}/s{seed}.log",
+    benchmark:
+        "benchmarks/analyze/{dataset}/{arch}/m{margin}/s{seed}.tsv"
+    conda:
+        "../../envs/report.yaml"
+    threads: rule_resource("analyze", "threads")
+    resources:
+        mem_mb=rule_resource("analyze", "mem_mb"),
+        runtime=rule_resource("analyze", "runtime"),
+    shell:
+        "python -m negmargin analyze --checkpoint {input.selection}"
+        " --base-features {input.base_features} --novel-features {input.novel_features}"
+        " --out {output.analysis} > {log} 2>&1"

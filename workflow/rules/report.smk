@@ -1,0 +1,149 @@
+# Stage 4: every run's numbers in one file, then tables, plots and the summary. These rules read only
+# results/metrics.json and cached features, so changing them (or their config) never retrains anything.
+
+
+rule metrics:
+    input:
+        run_outputs,
+    output:
+        metrics=METRICS,
+    log:
+        "logs/report/metrics.log",
+    benchmark:
+        "benchmarks/report/metrics.tsv"
+    conda:
+        "../../envs/report.yaml"
+    threads: rule_resource("report", "threads")
+    resources:
+        mem_mb=rule_resource("report", "mem_mb"),
+        runtime=rule_resource("report", "runtime"),
+    params:
+        runs=run_dirs(),
+    shell:
+        "python -m negmargin metrics --runs {params.runs} --out {output.metrics} > {log} 2>&1"
+
+
+rule table:
+    input:
+        metrics=METRICS,
+    output:
+        table=report(
+            TABLE,
+            caption="../report/table.rst",
+            category="Tables",
+            labels={"dataset": "{dataset}"},
+        ),
+    log:
+        "logs/report/table_{dataset}.log",
+    benchmark:
+        "benchmarks/report/table_{dataset}.tsv"
+    conda:
+        "../../envs/report.yaml"
+    threads: rule_resource("report", "threads")
+    resources:
+        mem_mb=rule_resource("report", "mem_mb"),
+        runtime=rule_resource("report", "runtime"),
+    params:
+        options=table_args,
+    shell:
+        "python -m negmargin table --metrics {input.metrics} --dataset {wildcards.dataset}"
+        " {params.options} --out {output.table} > {log} 2>&1"
+
+
+rule plot_margins:
+    input:
+        metrics=METRICS,
+    output:
+        accuracy=report(
+            f"{PLOTS}/accuracy_vs_margin.png",
+            caption="../report/accuracy_vs_margin.rst",
+            category="Margin analysis",
+            subcategory="{dataset} {arch}",
+            labels={"dataset": "{dataset}", "arch": "{arch}", "figure": "accuracy"},
+        ),
+        discriminability=report(
+            f"{PLOTS}/discriminability_vs_margin.png",
+            caption="../report/discriminability_vs_margin.rst",
+            category="Margin analysis",
+            subcategory="{dataset} {arch}",
+            labels={
+                "dataset": "{dataset}",
+                "arch": "{arch}",
+                "figure": "discriminability",
+            },
+        ),
+        vectors=multiext(
+            f"{PLOTS}/", "accuracy_vs_margin.svg", "discriminability_vs_margin.svg"
+        ),
+        data=report(
+            f"{PLOTS}/margin_analysis.csv",
+            caption="../report/margin_analysis.rst",
+            category="Margin analysis",
+            subcategory="{dataset} {arch}",
+            labels={"dataset": "{dataset}", "arch": "{arch}", "figure": "data (CSV)"},
+        ),
+    log:
+        "logs/report/plot_margins_{dataset}_{arch}.log",
+    benchmark:
+        "benchmarks/report/plot_margins_{dataset}_{arch}.tsv"
+    conda:
+        "../../envs/report.yaml"
+    threads: rule_resource("report", "threads")
+    resources:
+        mem_mb=rule_resource("report", "mem_mb"),
+        runtime=rule_resource("report", "runtime"),
+    params:
+        out_dir=lambda wildcards, output: os.path.dirname(output.accuracy),
+    shell:
+        "python -m negmargin plot-margins --metrics {input.metrics} --dataset {wildcards.dataset}"
+        " --arch {wildcards.arch} --out-dir {params.out_dir} > {log} 2>&1"
+
+
+rule plot_tsne:
+    input:
+        unpack(tsne_features),
+    output:
+        figure=report(
+            f"{PLOTS}/tsne_novel.png",
+            caption="../report/tsne_novel.rst",
+            category="t-SNE of novel-class features",
+            labels={"dataset": "{dataset}", "arch": "{arch}", "figure": "t-SNE"},
+        ),
+        vector=f"{PLOTS}/tsne_novel.svg",
+        data=f"{PLOTS}/tsne.csv",
+    log:
+        "logs/report/plot_tsne_{dataset}_{arch}.log",
+    benchmark:
+        "benchmarks/report/plot_tsne_{dataset}_{arch}.tsv"
+    conda:
+        "../../envs/report.yaml"
+    threads: rule_resource("report", "threads")
+    resources:
+        mem_mb=rule_resource("report", "mem_mb"),
+        runtime=rule_resource("report", "runtime"),
+    params:
+        features=tsne_args,
+        options=tsne_options,
+        out_dir=lambda wildcards, output: os.path.dirname(output.figure),
+    shell:
+        "python -m negmargin plot-tsne {params.features} {params.options}"
+        " --out-dir {params.out_dir} > {log} 2>&1"
+
+
+rule summary:
+    input:
+        metrics=METRICS,
+    output:
+        summary=report(SUMMARY, caption="../report/summary.rst", category="Summary"),
+    log:
+        "logs/report/summary.log",
+    benchmark:
+        "benchmarks/report/summary.tsv"
+    conda:
+        "../../envs/report.yaml"
+    threads: rule_resource("report", "threads")
+    resources:
+        mem_mb=rule_resource("report", "mem_mb"),
+        runtime=rule_resource("report", "runtime"),
+    shell:
+        "python -m negmargin summary --metrics {input.metrics} --out {output.summary} > {log} 2>&1"
