@@ -23,3 +23,12 @@ def test_readme_links_exist():
     readme = (REPO / "README.md").read_text()
     for target in re.findall(r"\]\(((?:docs|results|src|resources)/[^)#]+)\)", readme):
         assert (REPO / target).exists(), target
+
+
+def test_readme_results_table_is_the_pipeline_summary():
+    """The README's numbers are the committed run's numbers, not typed in by hand."""
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("<!-- summary:start -->")[1].split("<!-- summary:end -->")[0].strip()
+    summary = (REPO / "results" / "summary.md").read_text()
+    assert block.splitlines()[0].startswith("| margin")
+    assert block in summary

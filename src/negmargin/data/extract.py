@@ -26,6 +26,7 @@ import zipfile
 from pathlib import Path
 
 from negmargin.errors import UserError
+from negmargin.io import publish_mode
 
 MARKER = ".negmargin-extracted.json"
 
@@ -188,6 +189,7 @@ def extract(archive: str | os.PathLike, dest: str | os.PathLike, overwrite: bool
         )
         if dest.exists():
             shutil.rmtree(dest)
+        publish_mode(tmp, directory=True)
         os.replace(tmp, dest)
     finally:
         if tmp.exists():

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from negmargin.errors import UserError
+from negmargin.io import publish_mode
 
 FORMAT = "negmargin-store/1"
 PIPELINES = ("omniglot", "imagenet84")
@@ -188,6 +189,7 @@ class SplitWriter:
             (self._tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
             if self.path.exists():
                 shutil.rmtree(self.path)
+            publish_mode(self._tmp, directory=True)
             os.replace(self._tmp, self.path)
         finally:
             if self._tmp.exists():
