@@ -193,7 +193,8 @@ def trained(tmp_path):
     with torch.no_grad():
         model.head.weight.copy_(directions)
     checkpoint = tmp_path / "best.pt"
-    torch.save({"format": CHECKPOINT_FORMAT, "model_spec": spec.to_dict(), "model": model.state_dict()}, checkpoint)
+    torch.save({"format": CHECKPOINT_FORMAT, "model_spec": spec.to_dict(), "model": model.state_dict(),
+                "base_class_names": [f"b{k}" for k in range(4)]}, checkpoint)
 
     rng = np.random.default_rng(1)
     base_labels = np.repeat(np.arange(4), 5)
@@ -266,3 +267,23 @@ def test_analyze_cli_bad_input(trained, tmp_path, capsys):
                                    str(wrong_keys), "--novel-features", str(trained["novel"]), "--out", out])
     assert "missing arrays" in err
     assert not (tmp_path / "a.json").exists()
+
+
+def test_analyze_head_wider_than_the_base_classes(trained, tmp_path):
+    """mmfewshot's mini-ImageNet head has 100 outputs for 64 base classes: base accuracy is still defined
+    (unused rows compete in the argmax); features with more classes than the head are refused."""
+    with np.load(trained["base"]) as bank:
+        keep = bank["labels"] < 3
+        np.savez(tmp_path / "three.npz", features=bank["features"][keep], labels=bank["labels"][keep],
+                 class_names=bank["class_names"][:3])
+    ckpt = torch.load(trained["checkpoint"], weights_only=True)
+    torch.save({**ckpt, "base_class_names": ["b0", "b1", "b2"]}, tmp_path / "wide.pt")  # 3 classes, 4 outputs
+    result = analyze(tmp_path / "wide.pt", tmp_path / "three.npz", trained["novel"])
+    assert result["n_base"] == int(keep.sum()) and result["base_accuracy"] == pytest.approx(100 * 13 / 15)
+    with np.load(trained["base"]) as bank:
+        np.savez(tmp_path / "five.npz", features=bank["features"], labels=bank["labels"],
+                 class_names=np.array([f"b{k}" for k in range(5)]))
+    ckpt.pop("base_class_names")
+    torch.save(ckpt, tmp_path / "unnamed.pt")  # without class names only the count can be checked
+    with pytest.raises(UserError, match="5 classes, but the checkpoint's head has only 4"):
+        analyze(tmp_path / "unnamed.pt", tmp_path / "five.npz", trained["novel"])

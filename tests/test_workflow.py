@@ -166,7 +166,9 @@ def test_dry_run_of_the_default_config(dry_copy):
     result = snakemake("-n", cwd=dry_copy)
     config = merged_config(dry_copy / "config" / "config.yaml")
     assert job_counts(result.stdout) == expected_jobs(config)
-    assert len(grid(config)) == 12  # omniglot x conv4 x 6 margins x 2 seeds
+    omniglot = config["datasets"]["omniglot"]
+    assert len(grid(config)) == len(omniglot["archs"]) * len(omniglot["margins"]) * len(omniglot["seeds"])
+    assert min(omniglot["margins"]) < 0 < max(omniglot["margins"]) and len(omniglot["seeds"]) >= 2
     assert "gpu=" not in result.stdout  # a CPU run requests no GPU resource at all
 
 

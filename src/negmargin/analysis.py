@@ -173,9 +173,17 @@ def analyze(checkpoint: str | os.PathLike, base_features: str | os.PathLike, nov
     base = load_features(base_features)
     novel = load_features(novel_features)
     spec = ckpt["model_spec"]
-    if len(base["class_names"]) != spec["num_classes"]:
+    # The head may have more outputs than base classes (mmfewshot's mini-ImageNet head: 100 for 64 classes);
+    # the unused rows still take part in the argmax, as they do in training.
+    trained_on = ckpt.get("base_class_names")
+    if trained_on is not None and [str(n) for n in base["class_names"]] != list(trained_on):
         raise UserError(
-            f"{base_features}: {len(base['class_names'])} classes, but the checkpoint's head has "
+            f"{base_features}: its {len(base['class_names'])} classes are not the {len(trained_on)} base classes "
+            f"{checkpoint_path} was trained on; pass features of the base_holdout split of the training dataset"
+        )
+    if len(base["class_names"]) > spec["num_classes"]:
+        raise UserError(
+            f"{base_features}: {len(base['class_names'])} classes, but the checkpoint's head has only "
             f"{spec['num_classes']}; pass features of the base_holdout split of the training dataset"
         )
     accuracy = base_accuracy(model.head, base["features"], base["labels"])

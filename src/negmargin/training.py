@@ -284,6 +284,7 @@ def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Train
             "negmargin_version": __version__,
             "model_spec": spec.to_dict(),
             "config": config_record,
+            "base_class_names": list(base.class_names),
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "epoch": state.epoch,
