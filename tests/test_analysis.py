@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from cli_helpers import one_line_error
 
 from negmargin.analysis import (
     aggregate_runs,
@@ -241,29 +242,21 @@ def test_analyze_accepts_a_selection_file(trained, tmp_path):
     assert analyze(selection, trained["base"], trained["novel"])["base_accuracy"] == pytest.approx(90.0)
 
 
-def _one_line_error(capsys, argv):
-    rc = main(argv)
-    err = capsys.readouterr().err
-    assert rc == 2
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    return err
-
-
 def test_analyze_cli_bad_input(trained, tmp_path, capsys):
     out = str(tmp_path / "a.json")
-    err = _one_line_error(capsys, ["analyze", "--checkpoint", str(tmp_path / "missing.pt"), "--base-features",
+    err = one_line_error(capsys, ["analyze", "--checkpoint", str(tmp_path / "missing.pt"), "--base-features",
                                    str(trained["base"]), "--novel-features", str(trained["novel"]), "--out", out])
     assert "checkpoint not found" in err
-    err = _one_line_error(capsys, ["analyze", "--checkpoint", str(trained["checkpoint"]), "--base-features",
+    err = one_line_error(capsys, ["analyze", "--checkpoint", str(trained["checkpoint"]), "--base-features",
                                    str(tmp_path / "nope.npz"), "--novel-features", str(trained["novel"]), "--out", out])
     assert "feature file not found" in err
     # novel features (3 classes) where base_holdout features (4 classes, the head's) belong
-    err = _one_line_error(capsys, ["analyze", "--checkpoint", str(trained["checkpoint"]), "--base-features",
+    err = one_line_error(capsys, ["analyze", "--checkpoint", str(trained["checkpoint"]), "--base-features",
                                    str(trained["novel"]), "--novel-features", str(trained["novel"]), "--out", out])
     assert "base_holdout" in err
     wrong_keys = tmp_path / "wrong.npz"
     np.savez(wrong_keys, x=np.zeros((2, 2)))
-    err = _one_line_error(capsys, ["analyze", "--checkpoint", str(trained["checkpoint"]), "--base-features",
+    err = one_line_error(capsys, ["analyze", "--checkpoint", str(trained["checkpoint"]), "--base-features",
                                    str(wrong_keys), "--novel-features", str(trained["novel"]), "--out", out])
     assert "missing arrays" in err
     assert not (tmp_path / "a.json").exists()

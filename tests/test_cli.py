@@ -47,7 +47,7 @@ def test_prepare_train_features_metatest(tiny_omniglot, tmp_path):
     ("args", "message"),
     [
         (["train", "--data", "no/such/dir", "--out", "x"], "no/such/dir/base: not a prepared split"),
-        (["metatest", "--features", "missing.npz", "--out", "r.json"], "missing.npz: features file not found"),
+        (["metatest", "--features", "missing.npz", "--out", "r.json"], "missing.npz: feature file not found"),
         (["features", "--checkpoint", "missing.pt", "--split", "s", "--out", "f.npz"], "missing.pt: checkpoint not found"),
         (["select", "--train-dir", "nowhere", "--shot", "1", "--out", "s.json"], "nowhere/train.json: file not found"),
     ],
@@ -62,7 +62,7 @@ def test_user_errors_are_one_line(args, message, tmp_path):
 def test_bad_features_file_and_wrong_arch(tiny_omniglot, tmp_path):
     np.savez(tmp_path / "f.npz", feats=np.zeros((3, 2)))
     result = negmargin("metatest", "--features", tmp_path / "f.npz", "--out", tmp_path / "r.json", check=False)
-    assert result.returncode == 2 and "missing array(s) features, labels" in result.stderr
+    assert result.returncode == 2 and "missing arrays features, labels" in result.stderr
     assert not (tmp_path / "r.json").exists()
     # a checkpoint of another architecture's shape: one clear line
     import torch

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import one_line_error
 
 from negmargin.analysis import aggregate_runs
 from negmargin.cli import main
@@ -173,29 +174,21 @@ def test_plot_tsne_cli_negative_labels_and_requested_classes(novel_files, tmp_pa
     assert all(np.isfinite(float(r["x"])) and np.isfinite(float(r["y"])) for r in rows)
 
 
-def _one_line_error(capsys, argv):
-    rc = main(argv)
-    err = capsys.readouterr().err
-    assert rc == 2
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    return err
-
-
 def test_plot_cli_bad_input(novel_files, tmp_path, capsys):
     out = str(tmp_path / "plots")
-    assert "not a margin" in _one_line_error(
+    assert "not a margin" in one_line_error(
         capsys, ["plot-tsne", "--features", f"low={novel_files['0']}", "--out-dir", out])
-    assert "feature file not found" in _one_line_error(
+    assert "feature file not found" in one_line_error(
         capsys, ["plot-tsne", "--features", "-0.1=missing.npz", "--out-dir", out])
-    assert "fewer than --classes" in _one_line_error(
+    assert "fewer than --classes" in one_line_error(
         capsys, ["plot-tsne", "--features", f"0={novel_files['0']}", "--classes", "9", "--out-dir", out])
-    assert "given once" in _one_line_error(
+    assert "given once" in one_line_error(
         capsys, ["plot-tsne", "--features", f"0={novel_files['0']}", f"0.0={novel_files['0']}", "--out-dir", out])
     metrics = tmp_path / "metrics.json"
     metrics.write_text(json.dumps(_metrics()))
-    assert "not in the metrics" in _one_line_error(
+    assert "not in the metrics" in one_line_error(
         capsys, ["plot-margins", "--metrics", str(metrics), "--dataset", "cub", "--arch", "conv4", "--out-dir", out])
-    assert "file not found" in _one_line_error(
+    assert "file not found" in one_line_error(
         capsys, ["plot-margins", "--metrics", str(tmp_path / "no.json"), "--dataset", "cub", "--arch", "conv4",
                  "--out-dir", out])
     assert not Path(out).exists()

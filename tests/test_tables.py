@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+from cli_helpers import one_line_error
 
 from negmargin.cli import main
 from negmargin.errors import UserError
@@ -231,27 +232,19 @@ def test_cli_metrics_table_summary(repo, capsys):
     assert "peak at a negative margin? **Yes**" in Path("results/summary.md").read_text()
 
 
-def _one_line_error(capsys, argv):
-    rc = main(argv)
-    err = capsys.readouterr().err
-    assert rc == 2
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    return err
-
-
 def test_cli_bad_input_is_one_line(repo, capsys):
     _, runs = repo
-    assert "no train/train.json" in _one_line_error(capsys, ["metrics", "--runs", "results", "--out", "m.json"])
-    assert "not found" in _one_line_error(capsys, ["table", "--metrics", "nope.json", "--dataset", "cub",
+    assert "no train/train.json" in one_line_error(capsys, ["metrics", "--runs", "results", "--out", "m.json"])
+    assert "not found" in one_line_error(capsys, ["table", "--metrics", "nope.json", "--dataset", "cub",
                                                     "--out", "t.md"])
     main(["metrics", "--runs", *map(str, runs), "--out", "m.json"])
     capsys.readouterr()
-    assert "not in the metrics" in _one_line_error(capsys, ["table", "--metrics", "m.json", "--dataset", "mini",
+    assert "not in the metrics" in one_line_error(capsys, ["table", "--metrics", "m.json", "--dataset", "mini",
                                                            "--out", "t.md"])
-    assert "ARCH:SHOT=ACC" in _one_line_error(capsys, ["table", "--metrics", "m.json", "--dataset", "cub",
+    assert "ARCH:SHOT=ACC" in one_line_error(capsys, ["table", "--metrics", "m.json", "--dataset", "cub",
                                                        "--margin", "0", "--reference", "conv4=1", "--out", "t.md"])
     Path("wrong.json").write_text(json.dumps({"runs": []}))
-    assert "missing keys" in _one_line_error(capsys, ["summary", "--metrics", "wrong.json", "--out", "s.md"])
+    assert "missing keys" in one_line_error(capsys, ["summary", "--metrics", "wrong.json", "--out", "s.md"])
 
 
 def test_table_margin_per_arch(tmp_path, monkeypatch, capsys):
@@ -269,5 +262,5 @@ def test_table_margin_per_arch(tmp_path, monkeypatch, capsys):
     main_rows = [(row[0], row[5]) for row in rows[:2]]
     assert main_rows == [("conv4", "54.00"), ("resnet12", "66.00")]
     capsys.readouterr()
-    assert "names arch 'wrn'" in _one_line_error(capsys, ["table", "--metrics", "m.json", "--dataset", "tiered",
+    assert "names arch 'wrn'" in one_line_error(capsys, ["table", "--metrics", "m.json", "--dataset", "tiered",
                                                          "--margin=wrn=-0.1", "--out", "t.md"])

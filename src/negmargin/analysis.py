@@ -18,13 +18,13 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from negmargin.errors import UserError
+from negmargin.io import load_features
 
 ANALYSIS_FORMAT = "negmargin-analysis/1"
 Z_95 = 1.959963984540054
@@ -40,33 +40,6 @@ _T_975 = (
 
 
 # --------------------------------------------------------------------------------------------------- features
-
-
-def load_features(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read a feature file (``features`` [N, D], ``labels`` [N], ``class_names`` [C]); UserError if malformed."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: feature file not found")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {key: npz[key] for key in npz.files}
-    except Exception as exc:  # zipfile/numpy raise many kinds: all mean "not a readable .npz"
-        raise UserError(f"{path}: not a readable .npz file ({type(exc).__name__})") from None
-    missing = [key for key in ("features", "labels", "class_names") if key not in arrays]
-    if missing:
-        raise UserError(f"{path}: missing arrays {missing} (expected features, labels, class_names)")
-    features, labels = arrays["features"], arrays["labels"]
-    if features.ndim != 2 or labels.ndim != 1 or len(features) != len(labels):
-        raise UserError(f"{path}: expected features [N, D] and labels [N], got {features.shape} and {labels.shape}")
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise UserError(f"{path}: labels must be integers, got {labels.dtype}")
-    if len(labels) and (labels.min() < 0 or labels.max() >= len(arrays["class_names"])):
-        raise UserError(f"{path}: labels outside 0..{len(arrays['class_names']) - 1} (the class_names)")
-    return {
-        "features": features.astype(np.float32, copy=False),
-        "labels": labels.astype(np.int64, copy=False),
-        "class_names": arrays["class_names"].astype(str),
-    }
 
 
 def l2_normalize(features: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -146,27 +119,11 @@ def base_accuracy(head: torch.nn.Module, features: np.ndarray | torch.Tensor, la
 # ---------------------------------------------------------------------------------------------------- analyze
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A ``.pt`` path as is; a ``selected_<k>shot.json`` selection file gives its ``checkpoint`` entry."""
-    path = Path(path)
-    if path.suffix != ".json":
-        return path
-    from negmargin.io import read_json
-
-    selection = read_json(path)
-    if not isinstance(selection, dict) or "checkpoint" not in selection:
-        raise UserError(f"{path}: not a selection file (no 'checkpoint' key)")
-    target = Path(selection["checkpoint"])
-    if not target.is_absolute() and not target.exists() and (path.parent / target).exists():
-        target = path.parent / target
-    return target
-
-
 def analyze(checkpoint: str | os.PathLike, base_features: str | os.PathLike, novel_features: str | os.PathLike,
             device: str | torch.device = "cpu") -> dict[str, Any]:
     """Base accuracy on held-out base features, and base/novel discriminability, for one trained model."""
     from negmargin.io import sha256_file
-    from negmargin.models import load_model
+    from negmargin.models import load_model, resolve_checkpoint
 
     checkpoint_path = resolve_checkpoint(checkpoint)
     model, ckpt = load_model(checkpoint_path, device=device)

@@ -55,39 +55,22 @@ def _select(args: argparse.Namespace) -> None:
 
 def _features(args: argparse.Namespace) -> None:
     from negmargin.features import features_of_checkpoint
-    from negmargin.io import read_json
+    from negmargin.models import resolve_checkpoint
 
     _set_threads(args.threads)
-    checkpoint = args.checkpoint
-    if str(checkpoint).endswith(".json"):
-        checkpoint = read_json(checkpoint).get("checkpoint")
-        if not checkpoint:
-            raise UserError(f"{args.checkpoint}: no 'checkpoint' key (expected a `negmargin select` output)")
-    info = features_of_checkpoint(checkpoint, args.split, args.out, device=args.device, batch_size=args.batch_size)
+    info = features_of_checkpoint(resolve_checkpoint(args.checkpoint), args.split, args.out,
+                                  device=args.device, batch_size=args.batch_size)
     print(f"features {tuple(info['features'])} of {args.split} -> {args.out}")
 
 
 def _metatest(args: argparse.Namespace) -> None:
-    import numpy as np
-
-    from negmargin.io import sha256_file, write_json
+    from negmargin.io import load_features, sha256_file, write_json
     from negmargin.metatest import FinetuneConfig, run_metatest
 
     _set_threads(args.threads)
     path = Path(args.features)
-    if not path.is_file():
-        raise UserError(f"{path}: features file not found")
-    try:
-        with np.load(path) as bank:
-            missing = [key for key in ("features", "labels") if key not in bank.files]
-            if missing:
-                raise UserError(f"{path}: missing array(s) {', '.join(missing)} (expected 'features' [N, D] and "
-                                f"'labels' [N]; found {', '.join(bank.files) or 'none'})")
-            features, labels = bank["features"].astype(np.float32), bank["labels"].astype(np.int64)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: not a readable .npz ({exc})") from None
-    if features.ndim != 2 or labels.shape != (features.shape[0],):
-        raise UserError(f"{path}: expected features [N, D] and labels [N], got {features.shape} and {labels.shape}")
+    bank = load_features(path, require_class_names=False)
+    features, labels = bank["features"], bank["labels"]
     for name in ("ways", "shots", "queries", "episodes"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")

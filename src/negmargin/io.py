@@ -86,3 +86,41 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def load_features(path: str | os.PathLike, require_class_names: bool = True) -> dict[str, Any]:
+    """Read a feature file (``features`` [N, D], ``labels`` [N], ``class_names`` [C]); UserError if malformed.
+
+    ``require_class_names=False`` accepts files with only ``features`` and ``labels`` (the meta-test's
+    contract); ``class_names`` is then absent from the result and labels are only checked to be >= 0.
+    """
+    import numpy as np
+
+    from negmargin.errors import UserError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: feature file not found")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except Exception as exc:  # zipfile/numpy raise many kinds: all mean "not a readable .npz"
+        raise UserError(f"{path}: not a readable .npz file ({type(exc).__name__})") from None
+    required = ("features", "labels", "class_names") if require_class_names else ("features", "labels")
+    missing = [key for key in required if key not in arrays]
+    if missing:
+        raise UserError(f"{path}: missing arrays {', '.join(missing)} (expected {', '.join(required)}; "
+                        f"found {', '.join(arrays) or 'none'})")
+    features, labels = arrays["features"], arrays["labels"]
+    if features.ndim != 2 or labels.ndim != 1 or len(features) != len(labels):
+        raise UserError(f"{path}: expected features [N, D] and labels [N], got {features.shape} and {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"{path}: labels must be integers, got {labels.dtype}")
+    if len(labels) and labels.min() < 0:
+        raise UserError(f"{path}: labels must be >= 0")
+    result = {"features": features.astype(np.float32, copy=False), "labels": labels.astype(np.int64, copy=False)}
+    if "class_names" in arrays:
+        if len(labels) and labels.max() >= len(arrays["class_names"]):
+            raise UserError(f"{path}: labels outside 0..{len(arrays['class_names']) - 1} (the class_names)")
+        result["class_names"] = arrays["class_names"].astype(str)
+    return result

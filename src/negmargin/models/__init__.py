@@ -47,6 +47,22 @@ class Classifier(nn.Module):
         return self.head(self.backbone(images), labels)
 
 
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A ``.pt`` path as is; a ``selected_<k>shot.json`` selection file gives its ``checkpoint`` entry."""
+    path = Path(path)
+    if path.suffix != ".json":
+        return path
+    from negmargin.io import read_json
+
+    selection = read_json(path)
+    if not isinstance(selection, dict) or "checkpoint" not in selection:
+        raise UserError(f"{path}: not a selection file (no 'checkpoint' key)")
+    target = Path(selection["checkpoint"])
+    if not target.is_absolute() and not target.exists() and (path.parent / target).exists():
+        target = path.parent / target
+    return target
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``; UserError if it is missing or not ours."""
     path = Path(path)

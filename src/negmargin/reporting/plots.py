@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from negmargin.analysis import l2_normalize, load_features
+from negmargin.analysis import l2_normalize
 from negmargin.errors import UserError
-from negmargin.io import atomic_path, write_text
+from negmargin.io import atomic_path, load_features, write_text
 from negmargin.reporting.tables import dataset_runs, format_margin
 
 DPI = 150
