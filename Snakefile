@@ -23,6 +23,18 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 
 
+# Jobs of seconds that read only small files: on a cluster they run on the submitting host instead of
+# waiting in the queue (docs/workflow.md, "On a Slurm cluster").
+localrules:
+    all,
+    select,
+    metrics,
+    table,
+    plot_margins,
+    plot_tsne,
+    summary,
+
+
 rule all:
     default_target: True
     input:

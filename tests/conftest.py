@@ -20,3 +20,14 @@ def tiny_omniglot(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "omniglot"
     prepare_omniglot(OMNIGLOT, out, image_size=28, base_holdout=4, max_classes=12)
     return out
+
+
+@pytest.fixture(scope="session")
+def e2e(tmp_path_factory) -> Path:
+    """The real Snakefile run locally (`snakemake --cores 2`) on .test/config.yaml in a copy of the
+    repository; tests/test_workflow.py reads its outputs and tests/test_slurm.py compares the Slurm run's."""
+    from test_workflow import copy_workflow, snakemake
+
+    repo = copy_workflow(tmp_path_factory.mktemp("e2e") / "repo")
+    snakemake("--cores", "2", "--configfile", ".test/config.yaml", cwd=repo, timeout=1200)
+    return repo

@@ -1,8 +1,8 @@
 """The Snakemake workflow: lint, formatting, dry runs of the default and paper configurations, DVC files,
 and an end-to-end run of the real Snakefile on .test/config.yaml in a copy of the repository.
 
-The end-to-end run takes a few minutes on 2 CPU cores; it runs once per session (module fixture) and the
-tests after it read its outputs.
+The end-to-end run takes a few minutes on 2 CPU cores; it runs once per session (the `e2e` fixture in
+conftest.py, shared with tests/test_slurm.py) and the tests after it read its outputs.
 """
 
 from __future__ import annotations
@@ -278,11 +278,7 @@ def test_data_dvc_pins_the_prepared_default_data(tmp_path):
 # --------------------------------------------------------------------------------- end-to-end (.test run)
 
 
-@pytest.fixture(scope="module")
-def e2e(tmp_path_factory) -> Path:
-    repo = copy_workflow(tmp_path_factory.mktemp("e2e") / "repo")
-    snakemake("--cores", "2", "--configfile", ".test/config.yaml", cwd=repo, timeout=1200)
-    return repo
+# The `e2e` fixture (conftest.py) is this run: tests/test_slurm.py compares the Slurm run with it.
 
 
 def read_markdown_tables(path: Path) -> list[list[dict[str, str]]]:

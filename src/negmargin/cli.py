@@ -7,6 +7,7 @@ with exit status 2 and no traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from negmargin import __version__
@@ -34,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if os.environ.get("SLURM_JOB_ID"):
+        # In a cluster job the log names the job, for `sacct -j` / `squeue -j` and the records.
+        job = os.environ["SLURM_JOB_ID"]
+        print(f"negmargin {args.command}: Slurm job {job}", file=sys.stderr, flush=True)
     try:
         args.func(args)
     except UserError as exc:

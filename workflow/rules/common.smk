@@ -175,13 +175,46 @@ def gpu_requested(dataset):
     return config["compute"]["gpu"] if override is None else override
 
 
+def attempt_runtime(family):
+    """The `runtime` resource (minutes) of a rule family: the configured value times the attempt, capped at
+    compute.max_runtime. A job that hits its time limit fails; with --retries (the Slurm profile sets it)
+    Snakemake resubmits it with more time, and a training job resumes from its run's train/last.pt.
+    """
+
+    def runtime(wildcards, attempt):
+        minutes = rule_resource(family, "runtime") * attempt
+        cap = config["compute"]["max_runtime"]
+        return (
+            minutes
+            if cap is None
+            else max(min(minutes, cap), rule_resource(family, "runtime"))
+        )
+
+    return runtime
+
+
+def gpu_by_gres():
+    return config["compute"]["gpu_request"] == "gres"
+
+
 def gpu_count(wildcards):
-    """1 when the dataset asks for a GPU; None (unset, no sbatch flag at all) otherwise."""
-    return 1 if gpu_requested(wildcards.dataset) else None
+    """1 when the dataset asks for a GPU (and compute.gpu_request is `gpus`); None (unset, no sbatch flag
+    at all) otherwise."""
+    return 1 if gpu_requested(wildcards.dataset) and not gpu_by_gres() else None
 
 
 def gpu_model(wildcards):
-    return config["compute"]["gpu_model"] if gpu_requested(wildcards.dataset) else None
+    if not gpu_requested(wildcards.dataset) or gpu_by_gres():
+        return None
+    return config["compute"]["gpu_model"]
+
+
+def gpu_gres(wildcards):
+    """With compute.gpu_request `gres`: the GPU as a generic resource (sbatch --gres=gpu[:<model>]:1)."""
+    if not gpu_requested(wildcards.dataset) or not gpu_by_gres():
+        return None
+    model = config["compute"]["gpu_model"]
+    return f"gpu:{model}:1" if model else "gpu:1"
 
 
 def device_args(wildcards):

@@ -15,7 +15,8 @@ rule prepare:
     threads: rule_resource("prepare", "threads")
     resources:
         mem_mb=rule_resource("prepare", "mem_mb"),
-        runtime=rule_resource("prepare", "runtime"),
+        runtime=attempt_runtime("prepare"),
+        cpus_per_task=rule_resource("prepare", "threads"),
     params:
         command=prepare_command,
         args=prepare_args,

@@ -17,7 +17,8 @@ rule select:
     threads: rule_resource("select", "threads")
     resources:
         mem_mb=rule_resource("select", "mem_mb"),
-        runtime=rule_resource("select", "runtime"),
+        runtime=attempt_runtime("select"),
+        cpus_per_task=rule_resource("select", "threads"),
     params:
         train_dir=lambda wildcards, input: os.path.dirname(input.train),
         mode=config["selection_mode"],
@@ -41,9 +42,11 @@ rule features:
     threads: rule_resource("features", "threads")
     resources:
         mem_mb=rule_resource("features", "mem_mb"),
-        runtime=rule_resource("features", "runtime"),
+        runtime=attempt_runtime("features"),
+        cpus_per_task=rule_resource("features", "threads"),
         gpu=gpu_count,
         gpu_model=gpu_model,
+        gres=gpu_gres,
     params:
         split=lambda wildcards, input: os.path.join(
             os.path.dirname(input.prepared), wildcards.split
@@ -71,7 +74,8 @@ rule metatest:
     threads: rule_resource("metatest", "threads")
     resources:
         mem_mb=rule_resource("metatest", "mem_mb"),
-        runtime=rule_resource("metatest", "runtime"),
+        runtime=attempt_runtime("metatest"),
+        cpus_per_task=rule_resource("metatest", "threads"),
     params:
         episodes=metatest_args,
     shell:
@@ -93,7 +97,8 @@ rule analyze:
     threads: rule_resource("analyze", "threads")
     resources:
         mem_mb=rule_resource("analyze", "mem_mb"),
-        runtime=rule_resource("analyze", "runtime"),
+        runtime=attempt_runtime("analyze"),
+        cpus_per_task=rule_resource("analyze", "threads"),
     shell:
         "python -m negmargin analyze --checkpoint {input.selection}"
         " --base-features {input.base_features} --novel-features {input.novel_features}"

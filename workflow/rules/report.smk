@@ -16,7 +16,8 @@ rule metrics:
     threads: rule_resource("report", "threads")
     resources:
         mem_mb=rule_resource("report", "mem_mb"),
-        runtime=rule_resource("report", "runtime"),
+        runtime=attempt_runtime("report"),
+        cpus_per_task=rule_resource("report", "threads"),
     params:
         runs=run_dirs(),
     shell:
@@ -42,7 +43,8 @@ rule table:
     threads: rule_resource("report", "threads")
     resources:
         mem_mb=rule_resource("report", "mem_mb"),
-        runtime=rule_resource("report", "runtime"),
+        runtime=attempt_runtime("report"),
+        cpus_per_task=rule_resource("report", "threads"),
     params:
         options=table_args,
     shell:
@@ -91,7 +93,8 @@ rule plot_margins:
     threads: rule_resource("report", "threads")
     resources:
         mem_mb=rule_resource("report", "mem_mb"),
-        runtime=rule_resource("report", "runtime"),
+        runtime=attempt_runtime("report"),
+        cpus_per_task=rule_resource("report", "threads"),
     params:
         out_dir=lambda wildcards, output: os.path.dirname(output.accuracy),
     shell:
@@ -120,7 +123,8 @@ rule plot_tsne:
     threads: rule_resource("report", "threads")
     resources:
         mem_mb=rule_resource("report", "mem_mb"),
-        runtime=rule_resource("report", "runtime"),
+        runtime=attempt_runtime("report"),
+        cpus_per_task=rule_resource("report", "threads"),
     params:
         features=tsne_args,
         options=tsne_options,
@@ -144,6 +148,7 @@ rule summary:
     threads: rule_resource("report", "threads")
     resources:
         mem_mb=rule_resource("report", "mem_mb"),
-        runtime=rule_resource("report", "runtime"),
+        runtime=attempt_runtime("report"),
+        cpus_per_task=rule_resource("report", "threads"),
     shell:
         "python -m negmargin summary --metrics {input.metrics} --out {output.summary} > {log} 2>&1"

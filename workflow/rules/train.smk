@@ -17,9 +17,11 @@ rule train:
     threads: rule_resource("train", "threads")
     resources:
         mem_mb=rule_resource("train", "mem_mb"),
-        runtime=rule_resource("train", "runtime"),
+        runtime=attempt_runtime("train"),
+        cpus_per_task=rule_resource("train", "threads"),
         gpu=gpu_count,
         gpu_model=gpu_model,
+        gres=gpu_gres,
     params:
         data=lambda wildcards, input: os.path.dirname(input.prepared),
         out=lambda wildcards, output: os.path.dirname(output.summary),
