@@ -23,7 +23,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import yaml
 from test_workflow import copy_workflow, expected_jobs, job_env, merged_config
 
@@ -32,8 +34,9 @@ LOCAL_SLURM = REPO / "tools" / "local-slurm.sh"
 PARTITION = "debug"  # tools/local-slurm.sh's partition
 REMOTE_RULES = {"prepare", "train", "features", "metatest", "analyze"}  # the rest are localrules
 SUBMITTED = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+) \(log: (.+?)\)\.")
-# Per-run measurements that are not results: wall-clock times and throughput.
-TIMING_KEYS = {"images_per_s", "epoch_s", "seconds", "wall_s", "elapsed_s", "train_s", "duration_s"}
+# Per-run measurements that are not results: wall-clock times and throughput, and the checkpoint's hash
+# (the checkpoint holds the training history, timings included; its weights are compared instead).
+TIMING_KEYS = {"images_per_s", "epoch_s", "elapsed_s", "elapsed_s_this_invocation", "checkpoint_sha256"}
 
 
 def slurm_unavailable() -> str | None:
@@ -193,6 +196,21 @@ def test_slurm_results_equal_the_local_run(slurm_run, e2e):
         assert ours[path] == local[path], path
     for table in ("results/tables/omniglot.md", "results/summary.md"):
         assert (repo / table).read_text() == (e2e / table).read_text(), table
+    # the trained weights and the cached features, bit for bit
+    from negmargin.io import load_features
+    from negmargin.models import read_checkpoint
+
+    checkpoints = sorted((repo / "results").rglob("train/*.pt"))
+    features = sorted((repo / "results").rglob("features/*.npz"))
+    assert len(checkpoints) >= 6 and len(features) == 6
+    for path in checkpoints:
+        ours, local = (read_checkpoint(root / path.relative_to(repo))["model"] for root in (repo, e2e))
+        assert ours.keys() == local.keys()
+        assert all(torch.equal(ours[k], local[k]) for k in ours), path
+    for path in features:
+        ours, local = (load_features(root / path.relative_to(repo)) for root in (repo, e2e))
+        assert np.array_equal(ours["features"], local["features"]), path
+        assert np.array_equal(ours["labels"], local["labels"]), path
 
 
 def test_a_cancelled_training_job_is_resubmitted_and_resumes(cluster, slurm_run):
@@ -234,3 +252,46 @@ def test_a_cancelled_training_job_is_resubmitted_and_resumes(cluster, slurm_run)
     assert summary["final_epoch"] == 2
     epochs = [json.loads(line)["epoch"] for line in (run / "log.jsonl").read_text().splitlines()]
     assert epochs == [1, 2]
+
+
+# ------------------------------------------------------------- what the paper profile asks of Slurm (dry run)
+
+
+def job_resources(output: str) -> list[tuple[str, dict[str, str]]]:
+    """(rule, resources) of every job of a dry run."""
+    jobs = []
+    for rule, body in re.findall(r"(?m)^(?:local)?rule (\w+):\n((?:    .*\n)+)", output):
+        line = re.search(r"(?m)^    resources: (.*)$", body)
+        jobs.append((rule, dict(item.split("=", 1) for item in line.group(1).split(", ")) if line else {}))
+    return jobs
+
+
+@pytest.mark.parametrize("gpu_request", ["gpus", "gres"])
+def test_paper_profile_sizes_every_job(tmp_path, gpu_request):
+    repo = copy_workflow(tmp_path / "repo")
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--configfile", "config/paper.yaml",
+         "--config", f"compute={{gpu_request: {gpu_request}, gpu_model: a100}}"],
+        cwd=repo, env=job_env(), capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    config = merged_config(repo / "config" / "config.yaml", repo / "config" / "paper.yaml")
+    jobs = job_resources(result.stdout)
+    assert len(jobs) == sum(expected_jobs(config).values())
+    for rule, resources in jobs:
+        if rule == "all":
+            continue
+        family = rule if rule in config["resources"] else "report"
+        wanted = config["resources"][family]
+        assert int(resources["cpus_per_task"]) == wanted["threads"], (rule, resources)
+        assert int(resources["mem_mb"]) == wanted["mem_mb"], (rule, resources)
+        assert int(resources["runtime"]) == wanted["runtime"], (rule, resources)  # first attempt
+        if rule in ("train", "features"):
+            if gpu_request == "gpus":
+                assert (
+                    resources["gpu"] == "1" and resources["gpu_model"] == "a100" and "gres" not in resources
+                )
+            else:
+                assert resources["gres"] == "gpu:a100:1" and "gpu" not in resources
+        else:
+            assert not {"gpu", "gpu_model", "gres"} & set(resources), (rule, resources)
