@@ -6,8 +6,9 @@
 #
 # Needs root and Debian's packages: apt-get install -y slurm-wlm munge (Slurm 22.05, munge 0.5).
 # No accounting daemon: run Snakemake with --slurm-status-command squeue. Finished jobs stay visible to
-# `squeue -t all` for an hour (MinJobAge), and each one's end is recorded in DIR/log/jobcomp.log. The config is linked to /etc/slurm/slurm.conf, the path compiled
-# into Debian's Slurm: the `srun` that Snakemake's jobstep plugin runs inside each job drops SLURM_CONF.
+# `squeue -t all` for an hour (MinJobAge), and each one's end is recorded in DIR/log/jobcomp.log.
+# The config is linked to /etc/slurm/slurm.conf, the path compiled into Debian's Slurm: the `srun` that
+# Snakemake's jobstep plugin runs inside each job drops SLURM_CONF.
 # An /etc/slurm/slurm.conf that is not ours is never replaced; `start` stops with a message instead.
 set -euo pipefail
 

@@ -176,9 +176,9 @@ def gpu_requested(dataset):
 
 
 def attempt_runtime(family):
-    """The `runtime` resource (minutes) of a rule family: the configured value times the attempt, capped at
-    compute.max_runtime. A job that hits its time limit fails; with --retries (the Slurm profile sets it)
-    Snakemake resubmits it with more time, and a training job resumes from its run's train/last.pt.
+    """The `runtime` resource (minutes) of the rules of `family`: the configured value times the attempt,
+    capped at compute.max_runtime. A job that hits its time limit fails; with --retries (the Slurm profile
+    sets it) Snakemake resubmits it with more time, and a training job resumes from its train/last.pt.
     """
 
     def runtime(wildcards, attempt):
