@@ -17,6 +17,12 @@ include: "workflow/rules/common.smk"
 check_config()
 
 
+include: "workflow/rules/filestate.smk"
+
+
+restore_file_times()
+
+
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"

@@ -20,3 +20,15 @@ def tiny_omniglot(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "omniglot"
     prepare_omniglot(OMNIGLOT, out, image_size=28, base_holdout=4, max_classes=12)
     return out
+
+
+@pytest.fixture(scope="session")
+def e2e(tmp_path_factory) -> Path:
+    """The real Snakefile run end to end (`snakemake --cores 2`) on .test/config.yaml in a copy of the
+    repository (a few minutes on 2 CPU cores), once per session: tests/test_workflow.py checks its outputs,
+    tests/test_dvc.py compares `dvc repro` with it. Tests must only read it (dry runs are fine)."""
+    from workflow_helpers import copy_workflow, snakemake
+
+    repo = copy_workflow(tmp_path_factory.mktemp("e2e") / "repo")
+    snakemake("--cores", "2", "--configfile", ".test/config.yaml", cwd=repo, timeout=1200)
+    return repo
