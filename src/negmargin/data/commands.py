@@ -44,9 +44,13 @@ def _prepare_benchmark(dataset: str, args: argparse.Namespace) -> None:
         seed=args.seed,
         expect_full=not args.fixture,
         workers=args.workers,
+        skip_bad_images=args.skip_bad_images,
     )
     for split, counts in summary["splits"].items():
         print(f"{split}: {counts['classes']} classes, {counts['images']} images")
+    if args.skip_bad_images:
+        skipped = sum(len(items) for items in summary["skipped_images"].values())
+        print(f"skipped {skipped} unreadable image(s)")
     print(
         f"wrote {args.out} (images {summary['image_size']}x{summary['image_size']}, "
         f"source sha256 {summary.get('source_sha256') or '-'})"
@@ -180,6 +184,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         sub.add_argument("--seed", type=int, default=0, help="seed of the held-out image choice (default 0)")
         sub.add_argument(
             "--workers", type=int, default=None, metavar="N", help="decoding threads (default: min(8, CPUs))"
+        )
+        sub.add_argument(
+            "--skip-bad-images",
+            action="store_true",
+            help="leave out images that cannot be decoded (corrupt or truncated files) instead of stopping "
+            "at the first one; each is named in the log and counted in prepared.json",
         )
         sub.add_argument(
             "--fixture",
