@@ -69,6 +69,7 @@ def _download(args: argparse.Namespace) -> None:
         mirrors=tuple(args.mirror),
         retries=args.retries,
         backoff=args.backoff,
+        timeout=args.timeout,
     )
     print(path)
 
@@ -221,5 +222,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=2.0,
         metavar="SECONDS",
         help="first retry delay; doubles each retry, at most 60 s (default 2)",
+    )
+    down.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="a server silent for this long counts as a dropped connection, retried and resumed (default 60)",
     )
     down.set_defaults(func=_download)
