@@ -170,7 +170,8 @@ class SplitWriter:
         short = self._tmp / "images.short.npy"
         out = np.lib.format.open_memmap(short, mode="w+", dtype=np.uint8, shape=(self._count, *self.image_shape))
         for start in range(0, self._count, 4096):
-            out[start : start + 4096] = self._images[start : start + 4096]
+            stop = min(start + 4096, self._count)
+            out[start:stop] = self._images[start:stop]
         out.flush()
         del out
         del self._images
