@@ -465,7 +465,7 @@ def test_case7_invalid_config_is_rejected_before_any_job_runs(config_repo, tmp_p
     result = snakemake("--cores", "1", "--configfile", str(bad), cwd=config_repo, check=False)
     output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert "invalid configuration:\n  " + message in output, output[-3000:]
+    assert "invalid configuration:\n" in output and f"\n  {message}\n" in output, output[-3000:]
     assert not (config_repo / "data").exists() and not (config_repo / "logs").exists()  # no job ran
 
 

@@ -196,13 +196,11 @@ def schema_problem(error):
     while error.context:
         error = max(error.context, key=lambda e: len(e.absolute_path))
     message = error.message
-    numeric = {"number", "integer"} & set(
-        [error.validator_value]
-        if isinstance(error.validator_value, str)
-        else error.validator_value
-    )
-    if error.validator == "type" and isinstance(error.instance, str) and numeric:
-        message += " (write the number without quotes)"
+    if error.validator == "type" and isinstance(error.instance, str):
+        expected = error.validator_value
+        expected = [expected] if isinstance(expected, str) else list(expected)
+        if {"number", "integer"} & set(expected):
+            message += " (write the number without quotes)"
     elif error.validator == "additionalProperties":
         allowed = sorted(error.schema.get("properties", {}))
         if allowed:
