@@ -225,6 +225,8 @@ class SplitWriter:
                 shutil.rmtree(self.path)
             publish_mode(self._tmp, directory=True)
             os.replace(self._tmp, self.path)
+        except OSError as exc:  # a full disk while finishing the split: name it; the old split stays
+            raise write_error(self.path, exc) from None
         finally:
             if self._tmp.exists():
                 shutil.rmtree(self._tmp, ignore_errors=True)
