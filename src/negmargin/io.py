@@ -73,11 +73,17 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def write_npz(path: str | os.PathLike, **arrays: Any) -> None:
+    """An uncompressed .npz as ``np.savez`` writes it, but byte-identical for identical arrays: the zip
+    entries carry a fixed date instead of the time of writing, so two runs give the same file (and hash)."""
+    import zipfile
+
     import numpy as np
 
-    # numpy appends ".npz" unless the name already ends with it, so keep that suffix on the temp file.
-    with atomic_path(path, suffix=".npz") as tmp:
-        np.savez(tmp, **arrays)
+    with atomic_path(path, suffix=".npz") as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
+        for name, value in arrays.items():
+            entry = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with archive.open(entry, "w", force_zip64=True) as handle:
+                np.lib.format.write_array(handle, np.asanyarray(value), allow_pickle=False)
 
 
 def torch_save(path: str | os.PathLike, obj: Any) -> None:
