@@ -521,6 +521,7 @@ def final_outputs():
             "accuracy_vs_margin.png",
             "discriminability_vs_margin.png",
             "tsne_novel.png",
+            "margin_sweep.csv",  # what `dvc plots show` draws (dvc.yaml)
         ]
         outputs += expand(f"{PLOTS}/{{plot}}", dataset=d, arch=archs(d), plot=plots)
     return outputs
