@@ -8,13 +8,17 @@ min_version("8.20")
 configfile: "config/config.yaml"
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
-
-
 include: "workflow/rules/common.smk"
 
 
+validate_config("workflow/schemas/config.schema.yaml")
 check_config()
+
+
+include: "workflow/rules/filestate.smk"
+
+
+restore_file_times()
 
 
 include: "workflow/rules/data.smk"

@@ -24,9 +24,11 @@ def tiny_omniglot(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def e2e(tmp_path_factory) -> Path:
-    """The real Snakefile run locally (`snakemake --cores 2`) on .test/config.yaml in a copy of the
-    repository; tests/test_workflow.py reads its outputs and tests/test_slurm.py compares the Slurm run's."""
-    from test_workflow import copy_workflow, snakemake
+    """The real Snakefile run end to end (`snakemake --cores 2`) on .test/config.yaml in a copy of the
+    repository (a few minutes on 2 CPU cores), once per session: tests/test_workflow.py checks its outputs,
+    tests/test_dvc.py compares `dvc repro` and tests/test_slurm.py the Slurm run with it. Tests must only
+    read it (dry runs are fine)."""
+    from workflow_helpers import copy_workflow, snakemake
 
     repo = copy_workflow(tmp_path_factory.mktemp("e2e") / "repo")
     snakemake("--cores", "2", "--configfile", ".test/config.yaml", cwd=repo, timeout=1200)

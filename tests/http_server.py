@@ -7,7 +7,12 @@ Each served path has a mode:
   connection; later requests behave as ``normal`` (so a client must resume with Range);
 * ``norange``: ignores Range and always answers 200 with the whole file;
 * ``wrong``: serves other bytes of the same length;
-* ``404`` / ``500``: answers that status.
+* ``404`` / ``500``: answers that status;
+* ``reset``: the first request sends the headers and half the bytes, then resets the connection (TCP RST);
+  later requests behave as ``normal``;
+* ``stall``: the first request sends the headers and half the bytes, then goes silent without closing
+  (until the server shuts down); later requests behave as ``normal``;
+* ``hang``: every request is accepted and then never answered (until the server shuts down).
 
 Every request is recorded as ``(path, range_header_or_None)`` in ``server.requests``.
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import re
 import socket
+import struct
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -49,6 +55,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_error(404, "Not Found")
             return
         body, mode = server.files[path]
+        if mode == "hang":
+            server.released.wait()
+            return
         if mode == "404":
             self.send_error(404, "Not Found")
             return
@@ -75,10 +84,15 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(payload)))
         self.send_header("Accept-Ranges", "none" if mode == "norange" else "bytes")
         self.end_headers()
-        if mode == "drop" and count == 1:
+        if mode in ("drop", "reset", "stall") and count == 1:
             self.wfile.write(payload[: len(payload) // 2])
             self.wfile.flush()
-            self.connection.shutdown(socket.SHUT_RDWR)
+            if mode == "stall":
+                server.released.wait()
+            elif mode == "reset":  # linger 0: close() sends RST instead of FIN
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            else:
+                self.connection.shutdown(socket.SHUT_RDWR)
             self.close_connection = True
             return
         self.wfile.write(payload)
@@ -92,6 +106,7 @@ class FileServer:
         self.requests: list[tuple[str, str | None]] = []
         self.counts: dict[str, int] = {}
         self.lock = threading.Lock()
+        self.released = threading.Event()  # lets stalled handlers go when the server shuts down
         self._httpd = _Server(("127.0.0.1", 0), _Handler)
         self._httpd.owner = self  # type: ignore[attr-defined]
         self._thread = threading.Thread(
@@ -99,7 +114,7 @@ class FileServer:
         )
 
     def add(self, path: str, body: bytes, mode: str = "normal") -> str:
-        assert mode in ("normal", "drop", "norange", "wrong", "404", "500"), mode
+        assert mode in ("normal", "drop", "norange", "wrong", "404", "500", "reset", "stall", "hang"), mode
         self.files[path] = (body, mode)
         return self.url(path)
 
@@ -116,5 +131,6 @@ class FileServer:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.released.set()
         self._httpd.shutdown()
         self._httpd.server_close()

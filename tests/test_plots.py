@@ -89,6 +89,17 @@ def test_plot_margins_files_csv_and_plotted_data(tmp_path):
             else:
                 assert float(row["ci_high"]) - float(row["mean"]) == pytest.approx(stat["ci95"])
 
+    # the wide sweep (what `dvc plots` draws): one row per margin, the same means
+    sweep = _read_csv(tmp_path / "margin_sweep.csv")
+    assert list(sweep[0]) == ["margin", "base_accuracy", "novel_1shot", "novel_5shot", "base_discriminability",
+                              "novel_discriminability"]
+    assert [float(r["margin"]) for r in sweep] == sorted(entry["margin"] for entry in metrics["aggregate"])
+    for entry, row in zip(sorted(metrics["aggregate"], key=lambda e: e["margin"]), sweep, strict=True):
+        assert float(row["base_accuracy"]) == entry["base_accuracy"]["mean"]
+        assert float(row["novel_1shot"]) == entry["novel"]["1"]["mean"]
+        assert float(row["novel_5shot"]) == entry["novel"]["5"]["mean"]
+        assert float(row["novel_discriminability"]) == entry["novel_discriminability"]["mean"]
+
 
 def test_figures_plot_the_metric_numbers():
     metrics = _metrics()

@@ -133,7 +133,7 @@ def completion_log(cluster: Path) -> dict[str, dict[str, str]]:
 
 
 def results(root: Path) -> dict[str, object]:
-    """Every JSON result of a run, timings left out, keyed by path."""
+    """Every JSON result of a run, timings left out, keyed by path (not results/mtimes.json: file times)."""
 
     def strip(value):
         if isinstance(value, dict):
@@ -145,6 +145,7 @@ def results(root: Path) -> dict[str, object]:
     return {
         str(path.relative_to(root)): strip(json.loads(path.read_text()))
         for path in sorted((root / "results").rglob("*.json"))
+        if path != root / "results" / "mtimes.json"
     }
 
 

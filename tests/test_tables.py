@@ -103,6 +103,17 @@ def test_collect_metrics_aggregate_is_a_student_t_interval(repo):
     assert entry["base_discriminability"]["mean"] == pytest.approx(0.51)
 
 
+def test_collect_metrics_accuracy_overview_is_the_aggregate_means(repo):
+    """The `accuracy` mapping (what `dvc metrics show` prints) repeats every aggregate mean, keyed by name."""
+    _, runs = repo
+    metrics = collect_metrics(runs)
+    for entry in metrics["aggregate"]:
+        values = metrics["accuracy"][entry["dataset"]][entry["arch"]][f"m{entry['margin']}"]
+        assert values["novel_1shot"] == entry["novel"]["1"]["mean"]
+        assert values["base"] == entry["base_accuracy"]["mean"]
+    assert metrics["accuracy"]["cub"]["conv4"]["m-0.1"]["novel_1shot"] == pytest.approx(62.5)
+
+
 def test_collect_metrics_bad_input(repo, tmp_path):
     _, runs = repo
     with pytest.raises(UserError, match="no run folders"):

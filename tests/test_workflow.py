@@ -2,7 +2,7 @@
 and an end-to-end run of the real Snakefile on .test/config.yaml in a copy of the repository.
 
 The end-to-end run takes a few minutes on 2 CPU cores; it runs once per session (the `e2e` fixture in
-conftest.py, shared with tests/test_slurm.py) and the tests after it read its outputs.
+conftest.py, shared with tests/test_dvc.py and tests/test_slurm.py) and the tests after it read its outputs.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import re
 import shutil
 import subprocess
@@ -19,52 +18,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from workflow_helpers import copy_workflow, job_env, merged_config, snakemake
 
 REPO = Path(__file__).resolve().parents[1]
-WORKFLOW_FILES = ["Snakefile", "workflow", "config", ".test", "envs", "dvc.yaml", "data.dvc", ".dvcignore"]
 REPORTING_RULES = {"metrics", "table", "plot_margins", "plot_tsne", "summary", "all"}
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def job_env() -> dict[str, str]:
-    """Jobs call `python -m negmargin`: put this interpreter's environment first on PATH."""
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    return env
-
-
-def snakemake(*args: str, cwd: Path, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, "-m", "snakemake", *args],
-        cwd=cwd,
-        env=job_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"snakemake {' '.join(args)} failed ({result.returncode}):\n"
-            f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-        )
-    return result
-
-
-def copy_workflow(dest: Path) -> Path:
-    """The workflow files copied, resources/ copied (data is prepared from it), src/ linked (the code under
-    test)."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in WORKFLOW_FILES:
-        source = REPO / name
-        if source.is_dir():
-            shutil.copytree(source, dest / name)
-        elif source.exists():
-            shutil.copy2(source, dest / name)
-    shutil.copytree(REPO / "resources", dest / "resources")
-    (dest / "src").symlink_to(REPO / "src", target_is_directory=True)
-    return dest
 
 
 def job_counts(output: str) -> dict[str, int]:
@@ -77,25 +37,6 @@ def job_counts(output: str) -> dict[str, int]:
         counts[rule] = int(count)
     assert counts.pop("total") == sum(counts.values())
     return counts
-
-
-def merged_config(*files: Path) -> dict:
-    """Config files merged as Snakemake merges them: mappings key by key, everything else replaced."""
-
-    def merge(base: dict, over: dict) -> dict:
-        out = dict(base)
-        for key, value in over.items():
-            out[key] = (
-                merge(out[key], value)
-                if isinstance(value, dict) and isinstance(out.get(key), dict)
-                else value
-            )
-        return out
-
-    config: dict = {}
-    for path in files:
-        config = merge(config, yaml.safe_load(path.read_text()))
-    return config
 
 
 def grid(config: dict) -> list[tuple[str, str, float, int]]:
@@ -233,15 +174,21 @@ def test_an_invalid_config_is_rejected(dry_copy, tmp_path):
 
 
 def test_dvc_files_parse():
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    stage = stages["workflow"]
+    dvc_yaml = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    stage = dvc_yaml["stages"]["workflow"]
     assert stage["cmd"].startswith("snakemake")
-    assert {"Snakefile", "workflow", "config/config.yaml", "src", "resources"} <= set(stage["deps"])
-    metrics = [next(iter(entry)) for entry in stage["metrics"]]
-    assert metrics == ["results/metrics.json"]
-    assert all(
-        next(iter(entry.values())).get("cache") is False for entry in stage["metrics"] + stage["plots"]
-    )
+    assert {"Snakefile", "workflow", "src", "resources"} <= set(stage["deps"])
+    # params come from the config itself, every key but the scheduler's `resources`
+    (params,) = stage["params"]
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    assert set(params["config/config.yaml"]) == set(config) - {"resources"}
+    outs = {next(iter(entry)): next(iter(entry.values())) for entry in stage["outs"] + stage["metrics"]}
+    assert all(options.get("persist") is True for options in outs.values())  # DVC never deletes them
+    assert {path for path, options in outs.items() if options.get("cache") is False} == {
+        "results/tables", "results/summary.md", "results/plots", "results/metrics.json"}
+    assert [next(iter(entry)) for entry in stage["metrics"]] == ["results/metrics.json"]
+    (sweep,) = [next(iter(entry.values())) for entry in dvc_yaml["plots"] if isinstance(entry, dict)]
+    assert sweep["x"] == "margin" and list(sweep["y"]) == ["results/plots/omniglot/conv4/margin_sweep.csv"]
     data = yaml.safe_load((REPO / "data.dvc").read_text())
     (out,) = data["outs"]
     assert out["path"] == "data" and re.fullmatch(r"[0-9a-f]{32}\.dir", out["md5"])
@@ -278,7 +225,7 @@ def test_data_dvc_pins_the_prepared_default_data(tmp_path):
 # --------------------------------------------------------------------------------- end-to-end (.test run)
 
 
-# The `e2e` fixture (conftest.py) is this run: tests/test_slurm.py compares the Slurm run with it.
+# The `e2e` fixture (conftest.py) is this run; tests/test_dvc.py and tests/test_slurm.py compare theirs with it.
 
 
 def read_markdown_tables(path: Path) -> list[list[dict[str, str]]]:

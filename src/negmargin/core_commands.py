@@ -59,7 +59,7 @@ def _features(args: argparse.Namespace) -> None:
 
     _set_threads(args.threads)
     info = features_of_checkpoint(resolve_checkpoint(args.checkpoint), args.split, args.out,
-                                  device=args.device, batch_size=args.batch_size)
+                                  device=args.device, batch_size=args.batch_size, arch=args.arch)
     print(f"features {tuple(info['features'])} of {args.split} -> {args.out}")
 
 
@@ -151,6 +151,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--split", required=True, help="prepared split folder, e.g. data/omniglot/novel")
     p.add_argument("--out", required=True, help="output .npz")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--arch", default=None, help="refuse a checkpoint of another backbone (conv4, resnet12)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=_features)

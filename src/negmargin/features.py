@@ -42,17 +42,24 @@ def features_of_checkpoint(
     out: str | os.PathLike,
     device: str = "auto",
     batch_size: int = 256,
+    arch: str | None = None,
 ) -> dict:
     from negmargin.models import load_model
     from negmargin.training import resolve_device
 
     torch_device = resolve_device(device)
-    model, ckpt = load_model(checkpoint, torch_device)
+    model, ckpt = load_model(checkpoint, torch_device, arch=arch)
     split = load_split(split_dir)
     spec = model.spec
-    if split.channels != spec.in_channels:
-        from negmargin.errors import UserError
+    from negmargin.errors import UserError
 
+    trained_on = ckpt.get("config", {}).get("dataset")
+    if trained_on and split.meta.get("dataset") and trained_on != split.meta["dataset"]:
+        raise UserError(
+            f"{checkpoint}: trained on {trained_on}, but {split_dir} is a split of {split.meta['dataset']}; "
+            "pass a checkpoint of that dataset"
+        )
+    if split.channels != spec.in_channels:
         raise UserError(
             f"{split_dir}: images have {split.channels} channel(s) but {checkpoint} was trained on {spec.in_channels}"
         )

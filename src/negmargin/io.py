@@ -7,7 +7,9 @@ destination folder and is renamed into place, so a crash never leaves a partial 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -31,17 +33,34 @@ def publish_mode(path: Path, directory: bool = False) -> None:
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
+    except OSError as exc:
+        raise write_error(path, exc) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         publish_mode(tmp_path)
         os.replace(tmp_path, path)
+    except OSError as exc:
+        # A full disk (ENOSPC), a quota (EDQUOT), a file-size limit (EFBIG), a read-only mount (EROFS):
+        # one line naming the file; the previous version of ``path`` is untouched.
+        raise write_error(path, exc) from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def write_error(path: str | os.PathLike, exc: OSError) -> Exception:
+    """The UserError for a failed write of ``path``: the file, the system's reason, and what to check."""
+    from negmargin.errors import UserError
+
+    reason = exc.strerror or str(exc)
+    hint = " (free some space, or raise the quota or file-size limit, then run again)" if exc.errno in (
+        errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else ""
+    return UserError(f"cannot write {path}: {reason}{hint}; the previous version, if any, is unchanged")
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -54,18 +73,28 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def write_npz(path: str | os.PathLike, **arrays: Any) -> None:
+    """An uncompressed .npz as ``np.savez`` writes it, but byte-identical for identical arrays: the zip
+    entries carry a fixed date instead of the time of writing, so two runs give the same file (and hash)."""
+    import zipfile
+
     import numpy as np
 
-    # numpy appends ".npz" unless the name already ends with it, so keep that suffix on the temp file.
-    with atomic_path(path, suffix=".npz") as tmp:
-        np.savez(tmp, **arrays)
+    with atomic_path(path, suffix=".npz") as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:
+        for name, value in arrays.items():
+            entry = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with archive.open(entry, "w", force_zip64=True) as handle:
+                np.lib.format.write_array(handle, np.asanyarray(value), allow_pickle=False)
 
 
 def torch_save(path: str | os.PathLike, obj: Any) -> None:
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    # Serialise in memory, then write with Python's file I/O: torch's own file writer reports a full disk
+    # as a RuntimeError about zip positions, this way it is an OSError naming the file.
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(buffer.getbuffer())
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

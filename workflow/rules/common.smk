@@ -1,6 +1,7 @@
 # Helpers shared by every stage: the configured grid, path templates, and the command-line arguments each
 # rule passes to `negmargin <verb>`. Rules stay declarative; anything computed from the config lives here.
 
+import json
 import os
 import shlex
 import sys
@@ -117,16 +118,137 @@ def runs():
                     yield dict(dataset=d, arch=a, margin=margin_label(m), seed=s)
 
 
+# Facts of each dataset `negmargin prepare` knows: classes of the splits episodes are drawn from (val for
+# validation, novel for the meta-test) and the fewest images a class has there (None: not known before the
+# data is prepared; data/<dataset>/<split>/meta.json is read when it exists).
+DATASET_FACTS = {
+    "omniglot": {"classes": {"val": 172, "novel": 423}, "images_per_class": 20},
+    "cub": {"classes": {"val": 50, "novel": 50}, "images_per_class": None},
+    "mini_imagenet": {"classes": {"val": 16, "novel": 20}, "images_per_class": 600},
+    "tiered_imagenet": {"classes": {"val": 97, "novel": 160}, "images_per_class": None},
+}
+
+
+def split_facts(dataset, split):
+    """(classes, why, fewest images per class, why) of a split as the configuration will prepare it; None
+    where that is not known before preparation. `why` says where a number comes from, when not obvious.
+    """
+    options = dataset_config(dataset)["prepare"]["options"]
+    facts = DATASET_FACTS[dataset]
+    classes, per_class = facts["classes"][split], facts["images_per_class"]
+    classes_why = per_class_why = ""
+    if dataset == "omniglot":
+        if options.get("max-classes") is not None:
+            classes = min(classes, int(options["max-classes"]))
+            classes_why = f" (prepare.options.max-classes {options['max-classes']})"
+        rotations = options.get("rotations", [0])
+        classes *= len(rotations if isinstance(rotations, list) else [rotations])
+    elif options.get("fixture"):
+        classes, per_class = None, None
+    meta = Path("data", dataset, split, "meta.json")
+    if (classes is None or per_class is None) and meta.is_file():
+        try:
+            stored = json.loads(meta.read_text())
+            if classes is None:
+                classes, classes_why = int(stored["num_classes"]), f" ({meta})"
+            if per_class is None:
+                per_class = int(stored["images_per_class"]["min"])
+                per_class_why = f" (at least, in {meta})"
+        except (ValueError, KeyError, TypeError):
+            pass
+    return classes, classes_why, per_class, per_class_why
+
+
+def check_episodes(d, problems):
+    """Ways against the classes of the val and novel splits; shots + queries against images per class."""
+    test = config["metatest"]
+    ways, queries = int(test["ways"]), int(test["queries"])
+    for split, split_shots in (("val", validation_shots()), ("novel", shots())):
+        classes, classes_why, per_class, per_class_why = split_facts(d, split)
+        if classes is not None and ways > classes:
+            problems.append(
+                f"metatest.ways is {ways}, but the {split} split of {d} has {classes} classes{classes_why}; "
+                f"allowed: 2 to {classes}"
+            )
+        most = max(split_shots)
+        if per_class is not None and most + queries > per_class:
+            problems.append(
+                f"metatest.shots {most} + metatest.queries {queries} = {most + queries} images per class, "
+                f"but the {split} split of {d} has {per_class} per class{per_class_why}; "
+                f"allowed: shots + queries <= {per_class}"
+            )
+
+
+def config_key(path):
+    """['datasets', 'omniglot', 'margins', 1] -> 'datasets.omniglot.margins[1]'."""
+    key = ""
+    for part in path:
+        key += (
+            f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+        )
+    return key or "(top level)"
+
+
+def schema_problem(error):
+    """One line for a schema violation: the key, the value, what is allowed. Of the alternatives of a
+    oneOf/anyOf the deepest failure is the telling one ("'0.2' is not of type 'number'", not "not valid
+    under any of the given schemas")."""
+    while error.context:
+        error = max(error.context, key=lambda e: len(e.absolute_path))
+    message = error.message
+    if error.validator == "type" and isinstance(error.instance, str):
+        expected = error.validator_value
+        expected = [expected] if isinstance(expected, str) else list(expected)
+        if {"number", "integer"} & set(expected):
+            message += " (write the number without quotes)"
+    elif error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        if allowed:
+            message += f"; allowed: {', '.join(allowed)}"
+    return f"{config_key(error.absolute_path)}: {message}"
+
+
+def validate_config(schema_path):
+    """The schema check, each violation as one line naming its key; then Snakemake's validate, which
+    also fills in the defaults."""
+    import jsonschema
+    import yaml
+
+    with open(schema_path) as handle:
+        schema = yaml.safe_load(handle)
+    errors = jsonschema.Draft202012Validator(schema).iter_errors(config)
+    problems = sorted({schema_problem(e) for e in errors})
+    if problems:
+        raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
+    validate(config, schema_path)
+
+
 def check_config():
     """Cross-key checks the JSON schema cannot express; a message names the key to fix."""
     problems = []
+    for d in config["datasets"]:
+        if d not in DATASET_FACTS:
+            problems.append(
+                f"datasets.{d}: unknown dataset; allowed: {', '.join(sorted(DATASET_FACTS))}"
+            )
     for d in config["run_datasets"]:
+        if d not in DATASET_FACTS:
+            problems.append(
+                f"run_datasets names {d!r}: unknown dataset; allowed: {', '.join(sorted(DATASET_FACTS))}"
+            )
+            continue
         if d not in config["datasets"]:
             problems.append(
                 f"run_datasets names {d!r}, which has no entry under `datasets`"
             )
             continue
         cfg = dataset_config(d)
+        check_episodes(d, problems)
+        if d == "omniglot" and cfg["prepare"]["skip_bad_images"]:
+            problems.append(
+                "datasets.omniglot.prepare.skip_bad_images is true, but the Omniglot archive holds arrays, "
+                "not image files; allowed: false"
+            )
         for a in archs(d):
             if a not in cfg["train"]:
                 problems.append(f"datasets.{d}.train has no block for arch {a!r}")
@@ -265,6 +387,8 @@ def prepare_args(wildcards):
     }
     words = [cli_options(options)]
     words += [f"--mirror {shlex.quote(url)}" for url in prepare["mirrors"]]
+    if prepare["skip_bad_images"]:
+        words.append("--skip-bad-images")
     words.append(cli_options(prepare["options"]))
     return " ".join(w for w in words if w)
 
@@ -430,6 +554,7 @@ def final_outputs():
             "accuracy_vs_margin.png",
             "discriminability_vs_margin.png",
             "tsne_novel.png",
+            "margin_sweep.csv",  # what `dvc plots show` draws (dvc.yaml)
         ]
         outputs += expand(f"{PLOTS}/{{plot}}", dataset=d, arch=archs(d), plot=plots)
     return outputs

@@ -84,6 +84,7 @@ rule plot_margins:
             subcategory="{dataset} {arch}",
             labels={"dataset": "{dataset}", "arch": "{arch}", "figure": "data (CSV)"},
         ),
+        sweep=f"{PLOTS}/margin_sweep.csv",
     log:
         "logs/report/plot_margins_{dataset}_{arch}.log",
     benchmark:

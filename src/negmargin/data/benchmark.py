@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -84,9 +85,10 @@ class PlannedSplit:
 
     class_names: list[str]
     items: list[tuple[int, str, Any]] = field(default_factory=list)
+    skipped: int = 0  # unreadable images left out when written (skip_bad_images)
 
     def counts(self) -> dict[str, int]:
-        return {"classes": len(self.class_names), "images": len(self.items)}
+        return {"classes": len(self.class_names), "images": len(self.items) - self.skipped}
 
 
 def holdout_positions(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -99,6 +101,16 @@ def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
         yield items[start : start + size]
 
 
+SKIP_HINT = "set datasets.<name>.prepare.skip_bad_images: true (--skip-bad-images) to leave such images out"
+
+
+def _decode_or_error(data: bytes, image_size: int, image_id: str) -> np.ndarray | UserError:
+    try:
+        return decode_resized(data, image_size, image_id)
+    except UserError as exc:
+        return exc
+
+
 def write_planned_split(
     path: Path,
     planned: PlannedSplit,
@@ -106,25 +118,42 @@ def write_planned_split(
     image_size: int,
     meta: dict[str, Any],
     workers: int | None = None,
-) -> None:
+    skip_bad_images: bool = False,
+) -> list[str]:
     """Decode, resize and write one split. ``read(ref)`` runs in this thread (archives are not thread-safe);
-    decoding runs in a pool of ``workers`` threads (Pillow releases the GIL while decoding)."""
+    decoding runs in a pool of ``workers`` threads (Pillow releases the GIL while decoding).
+
+    An image that cannot be decoded (corrupt or truncated file) stops preparation with an error naming the
+    file and its class; with ``skip_bad_images`` it is left out instead. Returns the skipped images as
+    ``"<image_id> (class <name>): <reason>"``."""
     workers = workers or min(8, os.cpu_count() or 1)
     progress = Progress(
         f"{meta.get('dataset', '')} {meta.get('split', path.name)}".strip(), len(planned.items), unit="images"
     )
     shape = (image_size, image_size, 3)
+    skipped: list[str] = []
     with (
         SplitWriter(path, len(planned.items), shape, planned.class_names, meta) as writer,
         ThreadPoolExecutor(max_workers=workers) as pool,
     ):
         for batch in _batches(planned.items, BATCH):
             encoded = [read(ref) for _, _, ref in batch]
-            images = pool.map(decode_resized, encoded, [image_size] * len(batch), [i for _, i, _ in batch])
-            for (label, image_id, _), image in zip(batch, images, strict=True):
+            images = pool.map(_decode_or_error, encoded, [image_size] * len(batch), [i for _, i, _ in batch])
+            for (label, image_id, ref), image in zip(batch, images, strict=True):
+                if isinstance(image, UserError):
+                    where = ref if isinstance(ref, Path) else image_id
+                    reason = str(image).split(": cannot decode ", 1)[-1]
+                    what = f"{where} (class {planned.class_names[label]}): cannot decode {reason}"
+                    if not skip_bad_images:
+                        raise UserError(f"{what}; {SKIP_HINT}")
+                    print(f"skipping unreadable image {what}", file=sys.stderr, flush=True)
+                    skipped.append(what)
+                    writer.skip(image_id)
+                    continue
                 writer.add(image, label, image_id)
             progress.update(len(batch))
     progress.close()
+    return skipped
 
 
 def write_benchmark(
@@ -135,8 +164,11 @@ def write_benchmark(
     image_size: int,
     summary: dict[str, Any],
     workers: int | None = None,
+    skip_bad_images: bool = False,
 ) -> dict[str, Any]:
-    """Write the four splits and ``prepared.json`` (written last: its presence means the folder is whole)."""
+    """Write the four splits and ``prepared.json`` (written last: its presence means the folder is whole).
+    ``skip_bad_images``: leave out undecodable images (counted in the log and in ``prepared.json``) instead
+    of stopping at the first one."""
     out = Path(out)
     if set(plans) != set(SPLITS):
         raise ValueError(f"plans must have the splits {SPLITS}, got {sorted(plans)}")
@@ -155,8 +187,21 @@ def write_benchmark(
         "source_sha256": summary.get("source_sha256"),
         "preprocessing": preprocessing_note(image_size),
     }
+    skipped: dict[str, list[str]] = {}
     for split in SPLITS:
-        write_planned_split(out / split, plans[split], read, image_size, {**common, "split": split}, workers)
+        skipped[split] = write_planned_split(
+            out / split, plans[split], read, image_size, {**common, "split": split}, workers, skip_bad_images
+        )
+    total_skipped = sum(len(items) for items in skipped.values())
+    if skip_bad_images:
+        print(
+            f"{dataset}: skipped {total_skipped} unreadable image(s)"
+            + "".join(f"; {split} {len(items)}" for split, items in skipped.items() if items),
+            file=sys.stderr,
+            flush=True,
+        )
+    for split in SPLITS:
+        plans[split].skipped = len(skipped[split])
     summary = {
         "dataset": dataset,
         **summary,
@@ -164,6 +209,8 @@ def write_benchmark(
         "pipeline": PIPELINE,
         "preprocessing": preprocessing_note(image_size),
         "splits": {split: plans[split].counts() for split in SPLITS},
+        "skip_bad_images": skip_bad_images,
+        "skipped_images": {split: items for split, items in skipped.items() if items},
     }
     write_json(out / "prepared.json", summary)
     return summary

@@ -44,9 +44,13 @@ def _prepare_benchmark(dataset: str, args: argparse.Namespace) -> None:
         seed=args.seed,
         expect_full=not args.fixture,
         workers=args.workers,
+        skip_bad_images=args.skip_bad_images,
     )
     for split, counts in summary["splits"].items():
         print(f"{split}: {counts['classes']} classes, {counts['images']} images")
+    if args.skip_bad_images:
+        skipped = sum(len(items) for items in summary["skipped_images"].values())
+        print(f"skipped {skipped} unreadable image(s)")
     print(
         f"wrote {args.out} (images {summary['image_size']}x{summary['image_size']}, "
         f"source sha256 {summary.get('source_sha256') or '-'})"
@@ -65,6 +69,7 @@ def _download(args: argparse.Namespace) -> None:
         mirrors=tuple(args.mirror),
         retries=args.retries,
         backoff=args.backoff,
+        timeout=args.timeout,
     )
     print(path)
 
@@ -182,6 +187,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "--workers", type=int, default=None, metavar="N", help="decoding threads (default: min(8, CPUs))"
         )
         sub.add_argument(
+            "--skip-bad-images",
+            action="store_true",
+            help="leave out images that cannot be decoded (corrupt or truncated files) instead of stopping "
+            "at the first one; each is named in the log and counted in prepared.json",
+        )
+        sub.add_argument(
             "--fixture",
             action="store_true",
             help="accept a subset of the real classes and skip the full-size checks and default "
@@ -211,5 +222,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=2.0,
         metavar="SECONDS",
         help="first retry delay; doubles each retry, at most 60 s (default 2)",
+    )
+    down.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="a server silent for this long counts as a dropped connection, retried and resumed (default 60)",
     )
     down.set_defaults(func=_download)

@@ -120,6 +120,7 @@ def prepare_cub(
     seed: int = 0,
     expect_full: bool = True,
     workers: int | None = None,
+    skip_bad_images: bool = False,
 ) -> dict:
     """Prepare CUB-200-2011 into ``out`` (``base``, ``base_holdout``, ``val``, ``novel``, ``prepared.json``).
 
@@ -201,4 +202,4 @@ def prepare_cub(
         "expect_full": expect_full,
         "total_images": total,
     }
-    return write_benchmark(out, "cub", plans, Path.read_bytes, image_size, summary, workers)
+    return write_benchmark(out, "cub", plans, Path.read_bytes, image_size, summary, workers, skip_bad_images)

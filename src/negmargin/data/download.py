@@ -299,7 +299,7 @@ def _transfer_once(url: str, part: Path, progress: Progress, size: int | None, t
         with open(part, mode) as handle:
             while True:
                 try:
-                    block = response.read(CHUNK)
+                    block = response.read1(CHUNK)  # what has arrived: a stall keeps the bytes before it
                 except (OSError, http.client.HTTPException) as exc:
                     raise _Transient(f"connection dropped after {received} bytes ({exc})") from None
                 if not block:

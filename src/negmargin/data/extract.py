@@ -15,6 +15,7 @@ runs as well, as a second line of defence (it also drops set-uid bits and owners
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import posixpath
@@ -26,7 +27,7 @@ import zipfile
 from pathlib import Path
 
 from negmargin.errors import UserError
-from negmargin.io import publish_mode
+from negmargin.io import publish_mode, write_error
 
 MARKER = ".negmargin-extracted.json"
 
@@ -183,6 +184,10 @@ def extract(archive: str | os.PathLike, dest: str | os.PathLike, overwrite: bool
         try:
             (_extract_zip if kind == "zip" else _extract_tar)(archive, tmp)
         except (tarfile.TarError, zipfile.BadZipFile, EOFError) as exc:
+            raise UserError(f"{archive}: corrupt or truncated archive ({exc})") from None
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):  # a full disk while extracting
+                raise write_error(dest, exc) from None
             raise UserError(f"{archive}: corrupt or truncated archive ({exc})") from None
         (tmp / MARKER).write_text(
             json.dumps({"archive": archive.name, "size": archive.stat().st_size}) + "\n"

@@ -375,6 +375,7 @@ def prepare_mini_imagenet(
     seed: int = 0,
     expect_full: bool = True,
     workers: int | None = None,
+    skip_bad_images: bool = False,
 ) -> dict:
     """Prepare mini-ImageNet into ``out`` (``base``, ``base_holdout``, ``val``, ``novel``, ``prepared.json``).
 
@@ -442,6 +443,6 @@ def prepare_mini_imagenet(
             seed=seed,
             expect_full=expect_full,
         )
-        return write_benchmark(out, "mini_imagenet", plans, reader.read, image_size, summary, workers)
+        return write_benchmark(out, "mini_imagenet", plans, reader.read, image_size, summary, workers, skip_bad_images)
     finally:
         reader.close()

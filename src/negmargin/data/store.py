@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from negmargin.errors import UserError
-from negmargin.io import publish_mode
+from negmargin.io import publish_mode, write_error
 
 FORMAT = "negmargin-store/1"
 PIPELINES = ("omniglot", "imagenet84")
@@ -130,13 +130,22 @@ class SplitWriter:
         if self.meta.get("pipeline", "imagenet84") not in PIPELINES:
             raise ValueError(f"pipeline must be one of {PIPELINES}, got {self.meta.get('pipeline')!r}")
         self._count = 0
+        self.skipped: list[str] = []
+
+    def skip(self, image_id: str) -> None:
+        """Leave out one of the declared images (an unreadable file): the split ends up one image shorter."""
+        self.skipped.append(str(image_id))
 
     def __enter__(self) -> SplitWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent))
-        self._images = np.lib.format.open_memmap(
-            self._tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(self.num_images, *self.image_shape)
-        )
+        try:
+            self._images = np.lib.format.open_memmap(
+                self._tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(self.num_images, *self.image_shape)
+            )
+        except OSError as exc:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            raise write_error(self.path / "images.npy", exc) from None
         self._labels = np.zeros(self.num_images, dtype=np.int64)
         self._ids: list[str] = []
         return self
@@ -155,6 +164,20 @@ class SplitWriter:
         self._ids.append(str(image_id).replace("\n", " "))
         self._count += 1
 
+    def _shrink(self) -> None:
+        """Copy the images written so far into an images.npy of the final (smaller) length."""
+        full = self._tmp / "images.npy"
+        short = self._tmp / "images.short.npy"
+        out = np.lib.format.open_memmap(short, mode="w+", dtype=np.uint8, shape=(self._count, *self.image_shape))
+        for start in range(0, self._count, 4096):
+            stop = min(start + 4096, self._count)
+            out[start:stop] = self._images[start:stop]
+        out.flush()
+        del out
+        del self._images
+        os.replace(short, full)
+        self._images = None
+
     def add_batch(self, images: np.ndarray, labels: np.ndarray, image_ids: list[str]) -> None:
         n = len(labels)
         if self._count + n > self.num_images:
@@ -170,27 +193,40 @@ class SplitWriter:
         try:
             if exc_type is not None:
                 return
-            if self._count != self.num_images:
+            if self._count + len(self.skipped) != self.num_images:
                 raise ValueError(f"{self.path}: declared {self.num_images} images, wrote {self._count}")
             self._images.flush()
+            if self.skipped:
+                self._shrink()
             del self._images
+            self._labels = self._labels[: self._count]
+            counts = np.bincount(self._labels, minlength=len(self.class_names))
+            empty = [name for name, count in zip(self.class_names, counts, strict=True) if count == 0]
+            if empty and self.skipped:
+                raise UserError(
+                    f"{self.path}: class {empty[0]!r} has no readable image left after skipping "
+                    f"{len(self.skipped)} unreadable one(s)"
+                )
             np.save(self._tmp / "labels.npy", self._labels)
             (self._tmp / "image_ids.txt").write_text("\n".join(self._ids) + ("\n" if self._ids else ""))
-            counts = np.bincount(self._labels, minlength=len(self.class_names))
             meta = {
                 "format": FORMAT,
                 **self.meta,
-                "num_images": self.num_images,
+                "num_images": self._count,
                 "num_classes": len(self.class_names),
                 "image_shape": list(self.image_shape),
                 "images_per_class": {"min": int(counts.min()), "max": int(counts.max())} if len(counts) else {},
                 "class_names": self.class_names,
             }
+            if self.skipped:
+                meta["skipped_images"] = self.skipped
             (self._tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
             if self.path.exists():
                 shutil.rmtree(self.path)
             publish_mode(self._tmp, directory=True)
             os.replace(self._tmp, self.path)
+        except OSError as exc:  # a full disk while finishing the split: name it; the old split stays
+            raise write_error(self.path, exc) from None
         finally:
             if self._tmp.exists():
                 shutil.rmtree(self._tmp, ignore_errors=True)

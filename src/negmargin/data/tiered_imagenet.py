@@ -255,6 +255,7 @@ def prepare_tiered_imagenet(
     seed: int = 0,
     expect_full: bool = True,
     workers: int | None = None,
+    skip_bad_images: bool = False,
 ) -> dict:
     """Prepare tiered-ImageNet into ``out`` (``base``, ``base_holdout``, ``val``, ``novel``, ``prepared.json``).
 
@@ -333,7 +334,7 @@ def prepare_tiered_imagenet(
             "seed": seed,
             "expect_full": expect_full,
         }
-        return _write(out, plans, files, image_size, summary, workers, num_labels)
+        return _write(out, plans, files, image_size, summary, workers, num_labels, skip_bad_images)
     finally:
         files.close()
 
@@ -346,6 +347,7 @@ def _write(
     summary: dict,
     workers: int | None,
     num_labels: dict[str, int],
+    skip_bad_images: bool = False,
 ) -> dict:
     """Write split by split, holding one split's PNG bytes at a time (base and base_holdout share them)."""
     loaded: dict[str, list] = {}
@@ -377,4 +379,4 @@ def _write(
     for split, planned in plans.items():
         source_split = SOURCE_SPLIT["base" if split == "base_holdout" else split]
         planned.items = [(label, image_id, (source_split, index)) for label, image_id, index in planned.items]
-    return write_benchmark(out, "tiered_imagenet", plans, read, image_size, summary, workers)
+    return write_benchmark(out, "tiered_imagenet", plans, read, image_size, summary, workers, skip_bad_images)

@@ -190,8 +190,24 @@ def discriminability_figure(rows: list[dict[str, Any]], title: str, metric: str 
     return figure
 
 
+def sweep_column(series: str) -> str:
+    """'novel 1-shot' -> 'novel_1shot', 'base accuracy' -> 'base_accuracy': a CSV column (and DVC plot y)."""
+    return series.replace("-shot", "shot").replace(" ", "_")
+
+
+def sweep_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    """The long rows of margin_analysis.csv pivoted to one row per margin, one mean column per series
+    (the margin sweep as `dvc plots` draws it: x = margin, y = the accuracies)."""
+    series = list(dict.fromkeys(row["series"] for row in rows))
+    by_margin: dict[float, dict[str, Any]] = {}
+    for row in rows:
+        by_margin.setdefault(row["margin"], {"margin": row["margin"]})[sweep_column(row["series"])] = row["mean"]
+    return ["margin", *map(sweep_column, series)], [by_margin[m] for m in sorted(by_margin)]
+
+
 def plot_margins(metrics: dict[str, Any], dataset: str, arch: str, out_dir: str | os.PathLike) -> dict[str, list[Path]]:
-    """``accuracy_vs_margin`` and ``discriminability_vs_margin`` (PNG + SVG) and ``margin_analysis.csv``."""
+    """``accuracy_vs_margin`` and ``discriminability_vs_margin`` (PNG + SVG), ``margin_analysis.csv`` (long:
+    every plotted number with its CI) and ``margin_sweep.csv`` (wide: one row per margin, the means)."""
     out_dir = Path(out_dir)
     rows = margin_series(metrics, dataset, arch)
     if not rows:
@@ -202,7 +218,8 @@ def plot_margins(metrics: dict[str, Any], dataset: str, arch: str, out_dir: str 
     ways = {run.get("ways") for run in runs}
     base_classes = {run.get("num_classes") for run in runs}
     title = f"{dataset} / {arch}"
-    outputs = {"csv": [write_csv(out_dir / "margin_analysis.csv", MARGIN_CSV_FIELDS, rows)]}
+    outputs = {"csv": [write_csv(out_dir / "margin_analysis.csv", MARGIN_CSV_FIELDS, rows),
+                       write_csv(out_dir / "margin_sweep.csv", *sweep_rows(rows))]}
     figure = accuracy_figure(rows, title, metric, ways=ways.pop() if len(ways) == 1 else None,
                              base_classes=base_classes.pop() if len(base_classes) == 1 else None)
     outputs["accuracy_vs_margin"] = save_figure(figure, out_dir / "accuracy_vs_margin")

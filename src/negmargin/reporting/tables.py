@@ -152,13 +152,27 @@ def collect_metrics(run_dirs: Sequence[str | os.PathLike], root: str | os.PathLi
             raise UserError(f"{run['run_dir']} and {seen[identity]} are the same run {identity} (dataset, arch, margin, seed)")
         seen[identity] = run["run_dir"]
     runs.sort(key=lambda run: tuple(run[key] for key in _IDENTITY))
+    aggregate = aggregate_runs(runs)
     return {
         "format": METRICS_FORMAT,
         "paths": "relative to the repository root",
         "ci95": CI_NOTES,
+        "accuracy": accuracy_overview(aggregate),
         "runs": runs,
-        "aggregate": aggregate_runs(runs),
+        "aggregate": aggregate,
     }
+
+
+def accuracy_overview(aggregate: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Mean accuracies (%) over seeds as nested mappings, dataset -> arch -> m<margin> -> value: the numbers
+    `dvc metrics show` prints (it skips lists) and `dvc metrics diff` compares across experiments."""
+    out: dict[str, Any] = {}
+    for entry in aggregate:
+        values = {f"novel_{shot}shot": stat["mean"] for shot, stat in entry["novel"].items()}
+        if (entry.get("base_accuracy") or {}).get("mean") is not None:
+            values["base"] = entry["base_accuracy"]["mean"]
+        out.setdefault(entry["dataset"], {}).setdefault(entry["arch"], {})[f"m{entry['margin']}"] = values
+    return out
 
 
 def write_metrics(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
