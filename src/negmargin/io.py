@@ -53,13 +53,18 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
             tmp_path.unlink()
 
 
+# Errors of a write the disk refused: full, over quota, over the file-size limit, read-only.
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+WRITE_ERRNOS = (*FULL_ERRNOS, errno.EROFS)
+
+
 def write_error(path: str | os.PathLike, exc: OSError) -> Exception:
     """The UserError for a failed write of ``path``: the file, the system's reason, and what to check."""
     from negmargin.errors import UserError
 
     reason = exc.strerror or str(exc)
     hint = " (free some space, or raise the quota or file-size limit, then run again)" if exc.errno in (
-        errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else ""
+        FULL_ERRNOS) else ""
     return UserError(f"cannot write {path}: {reason}{hint}; the previous version, if any, is unchanged")
 
 

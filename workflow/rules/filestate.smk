@@ -1,6 +1,6 @@
 # Modification times that survive `dvc pull`, `dvc checkout` and `git clone` (negmargin.filestate).
 # After every successful run the manifest results/mtimes.json records size, time and SHA-256 of each file
-# under data/ and results/; before the DAG is built, every file whose content matches gets its recorded
+# under data/, results/ and resources/; before the DAG is built, every file whose content matches gets its recorded
 # time back. Jobs started by a remote executor (Slurm) skip this: the main Snakemake process did it.
 
 sys.path.insert(0, str(PACKAGE_SRC))

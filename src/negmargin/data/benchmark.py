@@ -55,6 +55,14 @@ def preprocessing_note(image_size: int) -> str:
     return f"decoded once; short side resized to {image_size} px (bicubic, antialiased), centre square kept; RGB uint8"
 
 
+class UndecodableImage(UserError):
+    """An image file that cannot be decoded (corrupt or truncated); ``reason`` is the decoder's complaint."""
+
+    def __init__(self, image_id: str, reason: Exception) -> None:
+        self.reason = f"({reason})"
+        super().__init__(f"{image_id or 'image'}: cannot decode {self.reason}")
+
+
 def decode_resized(data: bytes, image_size: int, image_id: str = "") -> np.ndarray:
     """Encoded image -> uint8 ``[image_size, image_size, 3]``: short side to ``image_size``, centre square."""
     try:
@@ -66,7 +74,7 @@ def decode_resized(data: bytes, image_size: int, image_id: str = "") -> np.ndarr
                     picture.draft("RGB", (image_size, image_size))
                 rgb = picture.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise UserError(f"{image_id or 'image'}: cannot decode ({exc})") from None
+        raise UndecodableImage(image_id, exc) from None
     width, height = rgb.size
     short = min(width, height)
     left, top = (width - short) // 2, (height - short) // 2
@@ -85,10 +93,10 @@ class PlannedSplit:
 
     class_names: list[str]
     items: list[tuple[int, str, Any]] = field(default_factory=list)
-    skipped: int = 0  # unreadable images left out when written (skip_bad_images)
 
-    def counts(self) -> dict[str, int]:
-        return {"classes": len(self.class_names), "images": len(self.items) - self.skipped}
+    def counts(self, skipped: int = 0) -> dict[str, int]:
+        """Classes and images of the split as written, ``skipped`` unreadable images left out."""
+        return {"classes": len(self.class_names), "images": len(self.items) - skipped}
 
 
 def holdout_positions(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -104,10 +112,10 @@ def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
 SKIP_HINT = "set datasets.<name>.prepare.skip_bad_images: true (--skip-bad-images) to leave such images out"
 
 
-def _decode_or_error(data: bytes, image_size: int, image_id: str) -> np.ndarray | UserError:
+def _decode_or_error(data: bytes, image_size: int, image_id: str) -> np.ndarray | UndecodableImage:
     try:
         return decode_resized(data, image_size, image_id)
-    except UserError as exc:
+    except UndecodableImage as exc:
         return exc
 
 
@@ -140,10 +148,9 @@ def write_planned_split(
             encoded = [read(ref) for _, _, ref in batch]
             images = pool.map(_decode_or_error, encoded, [image_size] * len(batch), [i for _, i, _ in batch])
             for (label, image_id, ref), image in zip(batch, images, strict=True):
-                if isinstance(image, UserError):
+                if isinstance(image, UndecodableImage):
                     where = ref if isinstance(ref, Path) else image_id
-                    reason = str(image).split(": cannot decode ", 1)[-1]
-                    what = f"{where} (class {planned.class_names[label]}): cannot decode {reason}"
+                    what = f"{where} (class {planned.class_names[label]}): cannot decode {image.reason}"
                     if not skip_bad_images:
                         raise UserError(f"{what}; {SKIP_HINT}")
                     print(f"skipping unreadable image {what}", file=sys.stderr, flush=True)
@@ -200,15 +207,13 @@ def write_benchmark(
             file=sys.stderr,
             flush=True,
         )
-    for split in SPLITS:
-        plans[split].skipped = len(skipped[split])
     summary = {
         "dataset": dataset,
         **summary,
         "image_size": image_size,
         "pipeline": PIPELINE,
         "preprocessing": preprocessing_note(image_size),
-        "splits": {split: plans[split].counts() for split in SPLITS},
+        "splits": {split: plans[split].counts(len(skipped[split])) for split in SPLITS},
         "skip_bad_images": skip_bad_images,
         "skipped_images": {split: items for split, items in skipped.items() if items},
     }

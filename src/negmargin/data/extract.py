@@ -15,7 +15,6 @@ runs as well, as a second line of defence (it also drops set-uid bits and owners
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import posixpath
@@ -27,7 +26,7 @@ import zipfile
 from pathlib import Path
 
 from negmargin.errors import UserError
-from negmargin.io import publish_mode, write_error
+from negmargin.io import WRITE_ERRNOS, publish_mode, write_error
 
 MARKER = ".negmargin-extracted.json"
 
@@ -186,7 +185,7 @@ def extract(archive: str | os.PathLike, dest: str | os.PathLike, overwrite: bool
         except (tarfile.TarError, zipfile.BadZipFile, EOFError) as exc:
             raise UserError(f"{archive}: corrupt or truncated archive ({exc})") from None
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):  # a full disk while extracting
+            if exc.errno in WRITE_ERRNOS:  # a full disk while extracting
                 raise write_error(dest, exc) from None
             raise UserError(f"{archive}: corrupt or truncated archive ({exc})") from None
         (tmp / MARKER).write_text(
