@@ -13,23 +13,15 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import yaml
-from workflow_helpers import job_env, merged_config, snakemake
+from workflow_helpers import job_env, merged_config, snakemake, tool
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = Path("results/omniglot/conv4/m0.0/s0")
-
-
-def _tool(name: str) -> str:
-    path = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
-    if path is None:
-        pytest.skip(f"{name} is not installed (dvc belongs to the `workflow` extra)")
-    return path
 
 
 def env() -> dict[str, str]:
@@ -47,11 +39,11 @@ def run(*args: str, cwd: Path, timeout: float = 1200) -> str:
 
 
 def dvc(*args: str, cwd: Path) -> str:
-    return run(_tool("dvc"), *args, cwd=cwd)
+    return run(tool("dvc"), *args, cwd=cwd)
 
 
 def git(*args: str, cwd: Path) -> str:
-    return run(_tool("git"), *args, cwd=cwd)
+    return run(tool("git"), *args, cwd=cwd)
 
 
 def make_project(dest: Path) -> Path:

@@ -32,7 +32,7 @@ import yaml
 from archives import make_cub_tgz
 from cli_helpers import one_line_error
 from http_server import FileServer
-from test_workflow import copy_workflow, job_counts, job_env, snakemake
+from workflow_helpers import copy_workflow, job_counts, job_env, snakemake
 
 from negmargin.data.download import download
 from negmargin.data.extract import extract

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from archives import make_cub_tgz, make_ravi_zip, make_tiered_tar, ravi_rows, tiered_classes
 from http_server import FileServer
-from test_workflow import copy_workflow, read_markdown_tables, snakemake
+from workflow_helpers import copy_workflow, read_markdown_tables, snakemake
 
 PER_CLASS = 8  # 5-shot episodes with 2 queries need 7 images per class
 

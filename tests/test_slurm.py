@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from test_workflow import copy_workflow, expected_jobs, job_env, merged_config
+from workflow_helpers import copy_workflow, expected_jobs, job_env, merged_config
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_SLURM = REPO / "tools" / "local-slurm.sh"

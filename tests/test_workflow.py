@@ -18,56 +18,23 @@ from pathlib import Path
 
 import pytest
 import yaml
-from workflow_helpers import copy_workflow, job_env, merged_config, snakemake
+from workflow_helpers import (
+    copy_workflow,
+    expected_jobs,
+    grid,
+    job_counts,
+    job_env,
+    merged_config,
+    read_markdown_tables,
+    snakemake,
+    tool,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 REPORTING_RULES = {"metrics", "table", "plot_margins", "plot_tsne", "summary", "all"}
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def job_counts(output: str) -> dict[str, int]:
-    """The 'Job stats' table of a dry run: rule -> number of jobs."""
-    match = re.search(r"Job stats:\n.*?\n-+\s+-+\n(.*?)\n\s*\n", output + "\n\n", re.S)
-    assert match, f"no job stats in:\n{output[-3000:]}"
-    counts = {}
-    for line in match.group(1).splitlines():
-        rule, count = line.split()
-        counts[rule] = int(count)
-    assert counts.pop("total") == sum(counts.values())
-    return counts
-
-
-def grid(config: dict) -> list[tuple[str, str, float, int]]:
-    runs = []
-    for dataset in config["run_datasets"]:
-        cfg = config["datasets"][dataset]
-        for arch in cfg["archs"]:
-            margins = cfg["margins"][arch] if isinstance(cfg["margins"], dict) else cfg["margins"]
-            runs += [(dataset, arch, float(m), int(s)) for m in margins for s in cfg["seeds"]]
-    return runs
-
-
-def expected_jobs(config: dict, mode: str = "shared") -> dict[str, int]:
-    runs = grid(config)
-    shots = config["metatest"]["shots"]
-    pairs = {(d, a) for d, a, _, _ in runs}
-    novel_features = 1 if mode == "shared" else len(shots)
-    return {
-        "prepare": len(config["run_datasets"]),
-        "train": len(runs),
-        "select": len(runs) * len(shots),
-        "features": len(runs) * (novel_features + 1),  # + base_holdout of the analysed checkpoint
-        "metatest": len(runs) * len(shots),
-        "analyze": len(runs),
-        "metrics": 1,
-        "table": len(config["run_datasets"]),
-        "plot_margins": len(pairs),
-        "plot_tsne": len(pairs),
-        "summary": 1,
-        "all": 1,
-    }
 
 
 def margin_label(value: float) -> str:
@@ -194,15 +161,8 @@ def test_dvc_files_parse():
     assert out["path"] == "data" and re.fullmatch(r"[0-9a-f]{32}\.dir", out["md5"])
 
 
-def _dvc() -> str:
-    dvc = shutil.which("dvc", path=str(Path(sys.executable).parent)) or shutil.which("dvc")
-    if dvc is None:
-        pytest.skip("dvc is not installed (pip install dvc; it belongs to the `workflow` extra)")
-    return dvc
-
-
 def test_dvc_repro_dry_run(tmp_path):
-    dvc = _dvc()
+    dvc = tool("dvc")
     repo = copy_workflow(tmp_path / "repo")
     subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=repo, check=True, env=job_env())
     result = subprocess.run([dvc, "repro", "--dry"], cwd=repo, capture_output=True, text=True, env=job_env())
@@ -212,7 +172,7 @@ def test_dvc_repro_dry_run(tmp_path):
 
 def test_data_dvc_pins_the_prepared_default_data(tmp_path):
     """data.dvc holds the hash of what the default configuration's prepare step writes, byte for byte."""
-    dvc = _dvc()
+    dvc = tool("dvc")
     repo = copy_workflow(tmp_path / "repo")
     snakemake("--cores", "1", "data/omniglot/prepared.json", cwd=repo)
     subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=repo, check=True, env=job_env())
@@ -226,25 +186,6 @@ def test_data_dvc_pins_the_prepared_default_data(tmp_path):
 
 
 # The `e2e` fixture (conftest.py) is this run; tests/test_dvc.py and tests/test_slurm.py compare theirs with it.
-
-
-def read_markdown_tables(path: Path) -> list[list[dict[str, str]]]:
-    """Every pipe table of a markdown file, as rows keyed by the header."""
-    tables, lines = [], path.read_text().splitlines()
-    i = 0
-    while i < len(lines):
-        if lines[i].startswith("|") and i + 1 < len(lines) and re.match(r"^\|[-| :]+\|$", lines[i + 1]):
-            header = [c.strip() for c in lines[i].strip("|").split("|")]
-            rows, i = [], i + 2
-            while i < len(lines) and lines[i].startswith("|"):
-                rows.append(
-                    dict(zip(header, (c.strip() for c in lines[i].strip("|").split("|")), strict=True))
-                )
-                i += 1
-            tables.append(rows)
-        else:
-            i += 1
-    return tables
 
 
 def test_e2e_outputs_exist(e2e):

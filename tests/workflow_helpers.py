@@ -1,8 +1,10 @@
-"""Running the real Snakefile in a copy of the repository, shared by the workflow, DVC and fault tests."""
+"""Running the real Snakefile in a copy of the repository and reading what it prints and writes: shared by
+the workflow, DVC, fault, Slurm and paper-profile tests."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -70,3 +72,75 @@ def merged_config(*files: Path) -> dict:
     for path in files:
         config = merge(config, yaml.safe_load(path.read_text()))
     return config
+
+
+def tool(name: str) -> str:
+    """A command-line tool of this interpreter's environment (or on PATH); the test skips without it."""
+    import pytest
+
+    path = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed (dvc belongs to the `workflow` extra)")
+    return path
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The 'Job stats' table of a dry run: rule -> number of jobs."""
+    match = re.search(r"Job stats:\n.*?\n-+\s+-+\n(.*?)\n\s*\n", output + "\n\n", re.S)
+    assert match, f"no job stats in:\n{output[-3000:]}"
+    counts = {}
+    for line in match.group(1).splitlines():
+        rule, count = line.split()
+        counts[rule] = int(count)
+    assert counts.pop("total") == sum(counts.values())
+    return counts
+
+
+def grid(config: dict) -> list[tuple[str, str, float, int]]:
+    runs = []
+    for dataset in config["run_datasets"]:
+        cfg = config["datasets"][dataset]
+        for arch in cfg["archs"]:
+            margins = cfg["margins"][arch] if isinstance(cfg["margins"], dict) else cfg["margins"]
+            runs += [(dataset, arch, float(m), int(s)) for m in margins for s in cfg["seeds"]]
+    return runs
+
+
+def expected_jobs(config: dict, mode: str = "shared") -> dict[str, int]:
+    runs = grid(config)
+    shots = config["metatest"]["shots"]
+    pairs = {(d, a) for d, a, _, _ in runs}
+    novel_features = 1 if mode == "shared" else len(shots)
+    return {
+        "prepare": len(config["run_datasets"]),
+        "train": len(runs),
+        "select": len(runs) * len(shots),
+        "features": len(runs) * (novel_features + 1),  # + base_holdout of the analysed checkpoint
+        "metatest": len(runs) * len(shots),
+        "analyze": len(runs),
+        "metrics": 1,
+        "table": len(config["run_datasets"]),
+        "plot_margins": len(pairs),
+        "plot_tsne": len(pairs),
+        "summary": 1,
+        "all": 1,
+    }
+
+
+def read_markdown_tables(path: Path) -> list[list[dict[str, str]]]:
+    """Every pipe table of a markdown file, as rows keyed by the header."""
+    tables, lines = [], path.read_text().splitlines()
+    i = 0
+    while i < len(lines):
+        if lines[i].startswith("|") and i + 1 < len(lines) and re.match(r"^\|[-| :]+\|$", lines[i + 1]):
+            header = [c.strip() for c in lines[i].strip("|").split("|")]
+            rows, i = [], i + 2
+            while i < len(lines) and lines[i].startswith("|"):
+                rows.append(
+                    dict(zip(header, (c.strip() for c in lines[i].strip("|").split("|")), strict=True))
+                )
+                i += 1
+            tables.append(rows)
+        else:
+            i += 1
+    return tables
