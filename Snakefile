@@ -1,6 +1,6 @@
 # Negative Margin Matters (Liu et al., ECCV 2020): prepare -> train -> select -> features -> metatest ->
 # analyze -> metrics, tables, plots, summary. See docs/workflow.md; the contract is docs/architecture.md.
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("8.20")
 
@@ -11,14 +11,7 @@ configfile: "config/config.yaml"
 include: "workflow/rules/common.smk"
 
 
-validate_config("workflow/schemas/config.schema.yaml")
-check_config()
-
-
 include: "workflow/rules/filestate.smk"
-
-
-restore_file_times()
 
 
 include: "workflow/rules/data.smk"
@@ -42,4 +35,4 @@ localrules:
 rule all:
     default_target: True
     input:
-        final_outputs(),
+        P.final_outputs(),

@@ -16,9 +16,12 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/reference_metatest.py an
 def tiny_omniglot(tmp_path_factory) -> Path:
     """The real Omniglot pipeline on the first 12 characters of each Vinyals split (28x28, 4 held out)."""
     from negmargin.data.omniglot import prepare_omniglot
+    from negmargin.datasets import OmniglotOptions
+    from negmargin.options import SourceConfig
 
     out = tmp_path_factory.mktemp("data") / "omniglot"
-    prepare_omniglot(OMNIGLOT, out, image_size=28, base_holdout=4, max_classes=12)
+    prepare_omniglot(out, SourceConfig(source=str(OMNIGLOT)),
+                     OmniglotOptions(image_size=28, base_holdout=4, max_classes=12))
     return out
 
 

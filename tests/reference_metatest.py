@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from negmargin.episodes import Episodes
-from negmargin.metatest import FinetuneConfig
+from negmargin.options import FinetuneConfig
 
 
 def reference_accuracies(

@@ -10,18 +10,13 @@ import pytest
 import torch
 from cli_helpers import one_line_error
 
-from negmargin.analysis import (
-    aggregate_runs,
-    aggregate_seeds,
-    analyze,
-    base_accuracy,
-    discriminability,
-    t_quantile_975,
-)
+from negmargin.analysis import analyze, base_accuracy, discriminability
 from negmargin.cli import main
 from negmargin.errors import UserError
 from negmargin.models import CHECKPOINT_FORMAT, Classifier, ModelSpec
 from negmargin.models.heads import CosineMarginHead
+from negmargin.reporting.metrics import aggregate_runs
+from negmargin.stats import aggregate_seeds, t_quantile_975
 
 
 def _on_circle(angles_deg, scales=None):

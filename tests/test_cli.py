@@ -36,7 +36,7 @@ def test_prepare_train_features_metatest(tiny_omniglot, tmp_path):
         assert bank["labels"].tolist() == sorted(bank["labels"].tolist()) and len(bank["class_names"]) == 12
     for shots in (1, 5):
         negmargin("metatest", "--features", run / "novel.npz", "--ways", 5, "--shots", shots, "--queries", 15,
-                  "--episodes", 20, "--seed", 0, "--out", run / f"m{shots}.json")
+                  "--episodes", 20, "--episodes-seed", 0, "--out", run / f"m{shots}.json")
         record = json.loads((run / f"m{shots}.json").read_text())
         assert record["shots"] == shots and len(record["episode_accuracies"]) == 20
         assert record["finetune"]["steps"] == (150 if shots == 1 else 600)

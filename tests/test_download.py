@@ -10,8 +10,9 @@ import pytest
 from http_server import FileServer, wrong_bytes
 
 from negmargin.cli import main
-from negmargin.data.download import Progress, download, fetch_source, url_filename, verify_file
+from negmargin.data.download import download, fetch_source, url_filename, verify_file
 from negmargin.errors import UserError
+from negmargin.runtime import Progress
 
 DATA = os.urandom(3 * 1024 * 1024 + 123)  # a few chunks, not a multiple of the chunk size
 MD5 = hashlib.md5(DATA).hexdigest()

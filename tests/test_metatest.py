@@ -6,7 +6,9 @@ import torch
 from reference_metatest import reference_accuracies
 
 from negmargin.episodes import batch_schedule, initial_head_weights, sample_episodes
-from negmargin.metatest import FinetuneConfig, ci95, finetune_and_predict, run_metatest
+from negmargin.metatest import finetune_and_predict, run_metatest
+from negmargin.options import FinetuneConfig
+from negmargin.stats import ci95
 
 
 def _bank(classes=12, per_class=25, dim=32, seed=0, spread=1.2):
@@ -72,7 +74,7 @@ def test_batch_schedule_ragged_last_batch():
 def test_batched_equals_reference(shots):
     features, labels = _bank()
     episodes = sample_episodes(labels, 5, shots, 15, 24, seed=3)
-    config = FinetuneConfig.for_shots(shots, steps=60 if shots == 1 else 90)
+    config = FinetuneConfig(steps=60 if shots == 1 else 90)
     init = initial_head_weights(episodes, features.shape[1])
     positions, mask = batch_schedule(episodes, config.steps, config.batch_size)
     bank = torch.from_numpy(features).double()
@@ -85,7 +87,7 @@ def test_batched_equals_reference(shots):
 def test_float32_batched_matches_reference_mean():
     features, labels = _bank(seed=1)
     episodes = sample_episodes(labels, 5, 5, 15, 16, seed=1)
-    config = FinetuneConfig.for_shots(5, steps=70)
+    config = FinetuneConfig(steps=70)
     init = initial_head_weights(episodes, features.shape[1])
     positions, mask = batch_schedule(episodes, config.steps, config.batch_size)
     bank = torch.from_numpy(features)
@@ -103,4 +105,4 @@ def test_run_metatest_record():
     assert record["accuracy_mean"] == pytest.approx(np.mean(record["episode_accuracies"]), abs=1e-3)
     assert record["accuracy_ci95"] == pytest.approx(ci95(np.array(record["episode_accuracies"])), abs=1e-3)
     assert record == {**run_metatest(features, labels, episodes=30, seed=0), "elapsed_s": record["elapsed_s"]}
-    assert FinetuneConfig.for_shots(5).steps == 600
+    assert FinetuneConfig().for_shots(5).steps == 600

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from cli_helpers import one_line_error
 
-from negmargin.analysis import aggregate_runs
 from negmargin.cli import main
 from negmargin.errors import UserError
+from negmargin.reporting.metrics import aggregate_runs
 from negmargin.reporting.plots import (
     accuracy_figure,
     discriminability_figure,

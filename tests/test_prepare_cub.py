@@ -14,8 +14,9 @@ from archives import cub_class_names, make_cub_tgz
 from http_server import FileServer
 
 from negmargin.cli import main
-from negmargin.data.cub import committed_split, prepare_cub, split_by_rule
+from negmargin.data.cub import committed_split, split_by_rule
 from negmargin.data.store import load_split
+from negmargin.datasets import prepare
 from negmargin.errors import UserError
 
 BASE_IDS, VAL_IDS, NOVEL_IDS = [1, 3, 5], [2, 6], [4, 8]
@@ -49,8 +50,8 @@ def test_rule_matches_the_committed_and_torchmeta_lists():
 def test_prepare_from_tgz(cub_tgz, tmp_path):
     tgz, colors = cub_tgz
     out = tmp_path / "cub"
-    summary = prepare_cub(
-        tgz, out, raw_dir=tmp_path / "raw", image_size=16, base_holdout=2, expect_full=False
+    summary = prepare("cub",
+        tgz, out, raw_dir=tmp_path / "raw", image_size=16, base_holdout=2, fixture=True
     )
     base, holdout = load_split(out / "base"), load_split(out / "base_holdout")
     val, novel = load_split(out / "val"), load_split(out / "novel")
@@ -81,8 +82,8 @@ def test_holdout_choice_is_seeded(cub_tgz, tmp_path):
     ids = []
     for seed in (0, 0, 1):
         out = tmp_path / f"cub{len(ids)}"
-        prepare_cub(
-            tgz, out, raw_dir=tmp_path / "raw", image_size=8, base_holdout=2, seed=seed, expect_full=False
+        prepare("cub",
+            tgz, out, raw_dir=tmp_path / "raw", image_size=8, base_holdout=2, seed=seed, fixture=True
         )
         ids.append(load_split(out / "base_holdout").image_ids)
     assert ids[0] == ids[1] and ids[0] != ids[2]
@@ -93,7 +94,7 @@ def test_download_over_http_then_prepare(cub_tgz, tmp_path):
     data = tgz.read_bytes()
     with FileServer() as server:
         url = server.add("/records/x/files/CUB_200_2011.tgz", data, mode="drop")
-        summary = prepare_cub(
+        summary = prepare("cub",
             url + "?download=1",
             tmp_path / "cub",
             raw_dir=tmp_path / "raw",
@@ -101,7 +102,7 @@ def test_download_over_http_then_prepare(cub_tgz, tmp_path):
             size=len(data),
             image_size=8,
             base_holdout=1,
-            expect_full=False,
+            fixture=True,
         )
         assert len(server.requests_for("/records/x/files/CUB_200_2011.tgz")) == 2  # dropped, then resumed
     assert (tmp_path / "raw" / "CUB_200_2011.tgz").read_bytes() == data
@@ -113,10 +114,10 @@ def test_production_path_asserts_the_real_dataset(cub_tgz, tmp_path):
     tgz, _ = cub_tgz
     # Without explicit checks the official archive's size (checked first: cheap) and md5 are required.
     with pytest.raises(UserError, match=f"size is {tgz.stat().st_size} bytes, expected 1150585339"):
-        prepare_cub(tgz, tmp_path / "cub", raw_dir=tmp_path / "raw")
+        prepare("cub", tgz, tmp_path / "cub", raw_dir=tmp_path / "raw")
     md5 = hashlib.md5(tgz.read_bytes()).hexdigest()
     with pytest.raises(UserError, match="7 class folders, expected 200"):
-        prepare_cub(tgz, tmp_path / "cub", raw_dir=tmp_path / "raw", md5=md5)
+        prepare("cub", tgz, tmp_path / "cub", raw_dir=tmp_path / "raw", md5=md5)
     assert not (tmp_path / "cub").exists()
 
 
@@ -124,24 +125,24 @@ def test_folder_source_and_bad_folders(cub_tgz, tmp_path):
     tgz, _ = cub_tgz
     with tarfile.open(tgz) as tar:
         tar.extractall(tmp_path / "src", filter="data")
-    summary = prepare_cub(tmp_path / "src", tmp_path / "cub", image_size=8, base_holdout=1, expect_full=False)
+    summary = prepare("cub", tmp_path / "src", tmp_path / "cub", image_size=8, base_holdout=1, fixture=True)
     assert summary["source_kind"] == "folder" and summary["source_sha256"] is None
     images = tmp_path / "src" / "CUB_200_2011" / "images"
     stray = images / "001.Black_footed_Albatross" / "stray.jpg"
     stray.write_bytes(b"x")
     with pytest.raises(UserError, match="does not match images.txt"):
-        prepare_cub(tmp_path / "src", tmp_path / "cub2", expect_full=False)
+        prepare("cub", tmp_path / "src", tmp_path / "cub2", fixture=True)
     stray.unlink()
     (images / "999.Dodo").mkdir()
     with pytest.raises(UserError, match="unknown class folder '999.Dodo'"):
-        prepare_cub(tmp_path / "src", tmp_path / "cub2", expect_full=False)
+        prepare("cub", tmp_path / "src", tmp_path / "cub2", fixture=True)
     (images / "999.Dodo").rmdir()
     with pytest.raises(UserError, match="too few to hold out 6"):
-        prepare_cub(tmp_path / "src", tmp_path / "cub2", base_holdout=6, expect_full=False)
-    with pytest.raises(UserError, match="at least 1"):
-        prepare_cub(tmp_path / "src", tmp_path / "cub2", base_holdout=0, expect_full=False)
+        prepare("cub", tmp_path / "src", tmp_path / "cub2", base_holdout=6, fixture=True)
+    with pytest.raises(UserError, match="base_holdout must be >= 1, got 0"):
+        prepare("cub", tmp_path / "src", tmp_path / "cub2", base_holdout=0, fixture=True)
     with pytest.raises(UserError, match="no CUB_200_2011/images"):
-        prepare_cub(tmp_path, tmp_path / "cub2", expect_full=False)
+        prepare("cub", tmp_path, tmp_path / "cub2", fixture=True)
 
 
 def test_cli_prepare_cub(cub_tgz, tmp_path, capsys):

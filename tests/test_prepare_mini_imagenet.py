@@ -15,11 +15,11 @@ from http_server import FileServer
 from negmargin.cli import main
 from negmargin.data.mini_imagenet import (
     ILSVRC_TRAIN_MD5,
-    prepare_mini_imagenet,
     ravi_position,
     sorted_class_files,
 )
 from negmargin.data.store import load_split
+from negmargin.datasets import prepare
 from negmargin.errors import UserError
 
 # Numeric order 1,2,3,5,9,10,... differs from lexicographic order 1,10,100,101,11,... of the file names.
@@ -61,7 +61,7 @@ def test_mapping_rule_helpers():
 def test_prepare_from_ilsvrc_train_tar(ilsvrc_tar, tmp_path):
     tar, colors = ilsvrc_tar
     out = tmp_path / "mini"
-    summary = prepare_mini_imagenet(tar, out, image_size=16, expect_full=False)
+    summary = prepare("mini_imagenet", tar, out, image_size=16, fixture=True)
     base, holdout = load_split(out / "base"), load_split(out / "base_holdout")
     val, novel = load_split(out / "val"), load_split(out / "novel")
     assert base.class_names == holdout.class_names == csv_order("train", TRAIN)
@@ -104,7 +104,7 @@ def test_prepare_from_ilsvrc_train_tar(ilsvrc_tar, tmp_path):
 
 def test_ilsvrc_holdout_count_and_folder_layouts_agree(ilsvrc_tar, tmp_path):
     tar, _ = ilsvrc_tar
-    prepare_mini_imagenet(tar, tmp_path / "a", image_size=12, base_holdout=2, expect_full=False)
+    prepare("mini_imagenet", tar, tmp_path / "a", image_size=12, base_holdout=2, fixture=True)
     holdout = load_split(tmp_path / "a" / "base_holdout")
     assert np.bincount(holdout.labels).tolist() == [2, 2]
     # The same images from the extracted folder layout (train/<wnid>/...) and from a folder of class tars.
@@ -115,7 +115,7 @@ def test_ilsvrc_holdout_count_and_folder_layouts_agree(ilsvrc_tar, tmp_path):
             inner.extractall(tmp_path / "folder" / "train" / wnid_tar.stem, filter="data")
     for source in (tmp_path / "tars", tmp_path / "folder"):
         out = tmp_path / source.name / "prepared"
-        prepare_mini_imagenet(source, out, image_size=12, base_holdout=2, expect_full=False)
+        prepare("mini_imagenet", source, out, image_size=12, base_holdout=2, fixture=True)
         for split in ("base", "base_holdout", "val", "novel"):
             ours, theirs = load_split(out / split), load_split(tmp_path / "a" / split)
             assert ours.image_ids == theirs.image_ids and np.array_equal(ours.images, theirs.images)
@@ -134,7 +134,7 @@ def test_prepare_from_ravi_zip(tmp_path):
     ordered = [n for group in names.values() for n in group]
     colors = make_ravi_zip(tmp_path / "images.zip", ordered)
     out = tmp_path / "mini"
-    summary = prepare_mini_imagenet(tmp_path / "images.zip", out, base_holdout=2, expect_full=False)
+    summary = prepare("mini_imagenet", tmp_path / "images.zip", out, base_holdout=2, fixture=True)
     base, holdout = load_split(out / "base"), load_split(out / "base_holdout")
     val, novel = load_split(out / "val"), load_split(out / "novel")
     assert base.class_names == holdout.class_names == csv_order("train", TRAIN)
@@ -155,13 +155,13 @@ def test_ravi_folder_and_url(tmp_path):
     make_ravi_zip(tmp_path / "images.zip", names)
     with zipfile.ZipFile(tmp_path / "images.zip") as archive:
         archive.extractall(tmp_path / "folder")
-    prepare_mini_imagenet(
-        tmp_path / "folder", tmp_path / "a", image_size=8, expect_full=False, base_holdout=1
+    prepare("mini_imagenet",
+        tmp_path / "folder", tmp_path / "a", image_size=8, fixture=True, base_holdout=1
     )
     with FileServer() as server:
         url = server.add("/mini/images.zip", (tmp_path / "images.zip").read_bytes())
-        summary = prepare_mini_imagenet(
-            url, tmp_path / "b", raw_dir=tmp_path / "raw", image_size=8, expect_full=False, base_holdout=1
+        summary = prepare("mini_imagenet",
+            url, tmp_path / "b", raw_dir=tmp_path / "raw", image_size=8, fixture=True, base_holdout=1
         )
     assert (tmp_path / "raw" / "images.zip").is_file() and summary["source_md5"]
     for split in ("base", "base_holdout", "val", "novel"):
@@ -172,7 +172,7 @@ def test_ravi_folder_and_url(tmp_path):
 def test_no_source_explains_how_to_get_imagenet(tmp_path):
     for source in (None, "", tmp_path / "ILSVRC2012_img_train.tar"):
         with pytest.raises(UserError) as info:
-            prepare_mini_imagenet(source, tmp_path / "mini")
+            prepare("mini_imagenet", source, tmp_path / "mini")
         message = str(info.value)
         assert "https://image-net.org/" in message and ILSVRC_TRAIN_MD5 in message
         assert "ILSVRC2012_img_train.tar" in message and "images.zip" in message
@@ -182,19 +182,19 @@ def test_no_source_explains_how_to_get_imagenet(tmp_path):
 def test_production_path_asserts(ilsvrc_tar, tmp_path):
     tar, _ = ilsvrc_tar
     with pytest.raises(UserError, match=f"expected {ILSVRC_TRAIN_MD5}"):
-        prepare_mini_imagenet(tar, tmp_path / "mini")
+        prepare("mini_imagenet", tar, tmp_path / "mini")
     with pytest.raises(UserError, match="class n0.* not found"):
-        prepare_mini_imagenet(
+        prepare("mini_imagenet",
             tar, tmp_path / "mini", size=tar.stat().st_size
         )  # explicit check: no md5 default
     make_ravi_zip(tmp_path / "images.zip", ["n0153282900000005.jpg"])
     with pytest.raises(UserError, match=r"n0\d+\.jpg \(train.csv\) not found"):
-        prepare_mini_imagenet(tmp_path / "images.zip", tmp_path / "mini")
+        prepare("mini_imagenet", tmp_path / "images.zip", tmp_path / "mini")
     other = tmp_path / "other.tar"
     with tarfile.open(other, "w") as handle:
         handle.add(tmp_path / "images.zip", arcname="images.zip")
     with pytest.raises(UserError, match="without per-class tars"):
-        prepare_mini_imagenet(other, tmp_path / "mini", expect_full=False)
+        prepare("mini_imagenet", other, tmp_path / "mini", fixture=True)
     assert not (tmp_path / "mini").exists()
 
 

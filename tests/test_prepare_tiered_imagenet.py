@@ -13,8 +13,12 @@ from archives import make_tiered_tar, tiered_pixels
 
 from negmargin.cli import main
 from negmargin.data.store import load_split
-from negmargin.data.tiered_imagenet import TIERED_MD5, SplitNames, prepare_tiered_imagenet, safe_load_pickle
+from negmargin.data.tiered_imagenet import SplitNames, safe_load_pickle
+from negmargin.datasets import DATASETS, prepare
+
 from negmargin.errors import UserError
+
+TIERED_MD5 = DATASETS["tiered_imagenet"].archive.md5
 
 # Two train categories, one of them with a name the pickles cut to 46 characters ("protective covering, ...").
 CLASSES = {
@@ -49,7 +53,7 @@ def test_names_resolve_words_and_cut_categories():
 def test_prepare_from_tar(tiered_tar, tmp_path):
     tar, image_classes = tiered_tar
     out = tmp_path / "tiered"
-    summary = prepare_tiered_imagenet(tar, out, base_holdout=1, expect_full=False)
+    summary = prepare("tiered_imagenet", tar, out, base_holdout=1, fixture=True)
     splits = {name: load_split(out / name) for name in ("base", "base_holdout", "val", "novel")}
     assert splits["base"].class_names == splits["base_holdout"].class_names == csv_order("train")
     assert splits["val"].class_names == csv_order("val") and splits["novel"].class_names == csv_order("test")
@@ -84,9 +88,9 @@ def test_python2_style_pickles_and_folder_source(tmp_path):
     make_tiered_tar(tar, CLASSES, images_per_class=2, size=20, bytes_keys=True)
     with tarfile.open(tar) as handle:
         handle.extractall(tmp_path / "folder", filter="data")
-    a = prepare_tiered_imagenet(tar, tmp_path / "a", image_size=12, base_holdout=1, expect_full=False)
-    b = prepare_tiered_imagenet(
-        tmp_path / "folder", tmp_path / "b", image_size=12, base_holdout=1, expect_full=False
+    a = prepare("tiered_imagenet", tar, tmp_path / "a", image_size=12, base_holdout=1, fixture=True)
+    b = prepare("tiered_imagenet",
+        tmp_path / "folder", tmp_path / "b", image_size=12, base_holdout=1, fixture=True
     )
     assert a["splits"] == b["splits"] and b["source_kind"] == "folder"
     for split in ("base", "base_holdout", "val", "novel"):
@@ -100,7 +104,7 @@ def test_unknown_class_is_rejected(tmp_path):
         tar, CLASSES, images_per_class=2, extra_class={"val": "Yorkshire terrier"}
     )  # a train class
     with pytest.raises(UserError, match="class 'Yorkshire terrier' is not in splits/tieredImageNet/val.csv"):
-        prepare_tiered_imagenet(tar, tmp_path / "out", base_holdout=1, expect_full=False)
+        prepare("tiered_imagenet", tar, tmp_path / "out", base_holdout=1, fixture=True)
     assert not (tmp_path / "out").exists()
 
 
@@ -120,16 +124,16 @@ def test_pickles_cannot_run_code(tmp_path):
 def test_production_path_and_missing_files(tiered_tar, tmp_path):
     tar, _ = tiered_tar
     with pytest.raises(UserError, match=f"expected {TIERED_MD5}"):
-        prepare_tiered_imagenet(tar, tmp_path / "out")
+        prepare("tiered_imagenet", tar, tmp_path / "out")
     with pytest.raises(UserError, match="has 3 classes in 2 categories, expected 351 in 20"):
-        prepare_tiered_imagenet(tar, tmp_path / "out", size=tar.stat().st_size)
+        prepare("tiered_imagenet", tar, tmp_path / "out", size=tar.stat().st_size)
     empty = tmp_path / "empty.tar"
     with tarfile.open(empty, "w"):
         pass
     with pytest.raises(UserError, match="images_png.pkl not found"):
-        prepare_tiered_imagenet(empty, tmp_path / "out", expect_full=False)
-    with pytest.raises(UserError, match="no tiered-ImageNet source"):
-        prepare_tiered_imagenet(None, tmp_path / "out")
+        prepare("tiered_imagenet", empty, tmp_path / "out", fixture=True)
+    with pytest.raises(UserError, match="no tiered_imagenet source configured .datasets.tiered_imagenet.prepare.source"):
+        prepare("tiered_imagenet", None, tmp_path / "out")
 
 
 def test_cli_prepare_tiered_imagenet(tiered_tar, tmp_path, capsys):

@@ -12,13 +12,9 @@ from cli_helpers import one_line_error
 
 from negmargin.cli import main
 from negmargin.errors import UserError
-from negmargin.reporting.tables import (
-    collect_metrics,
-    load_metrics,
-    parse_reference,
-    render_summary,
-    render_table,
-)
+from negmargin.reporting.metrics import collect_metrics, load_metrics
+from negmargin.reporting.summary import render_summary
+from negmargin.reporting.tables import parse_reference, render_table
 
 T_975_DF1 = 12.706204736174698  # t_{0.975, 1}
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from negmargin.errors import UserError
-from negmargin.training import TrainConfig, learning_rate, train
+from negmargin.options import TrainConfig
+from negmargin.training import learning_rate, train
 
 FAST = dict(arch="conv4", margin=-0.1, temperature=10.0, epochs=4, batch_size=32, lr=0.05, lr_steps=(2, 3),
             warmup_iters=5, val_every=2, val_episodes=10, device="cpu", log_every=1000)

@@ -15,9 +15,7 @@ Definitions (see docs/analysis.md):
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,20 +23,9 @@ import torch
 
 from negmargin.errors import UserError
 from negmargin.io import load_features
+from negmargin.stats import binomial_ci95
 
 ANALYSIS_FORMAT = "negmargin-analysis/1"
-Z_95 = 1.959963984540054
-
-# t_{0.975, df} for df = 1..30 (two-sided 95%), used when scipy is not installed.
-_T_975 = (
-    12.706204736, 4.302652730, 3.182446305, 2.776445105, 2.570581836, 2.446911851, 2.364624252,
-    2.306004135, 2.262157163, 2.228138852, 2.200985160, 2.178812830, 2.160368656, 2.144786688,
-    2.131449546, 2.119905299, 2.109815578, 2.100922040, 2.093024054, 2.085963447, 2.079613845,
-    2.073873068, 2.068657610, 2.063898562, 2.059538553, 2.055529439, 2.051830516, 2.048407142,
-    2.045229642, 2.042272456,
-)
-
-
 # --------------------------------------------------------------------------------------------------- features
 
 
@@ -80,12 +67,6 @@ def discriminability(features: np.ndarray, labels: np.ndarray) -> dict[str, floa
 
 
 # --------------------------------------------------------------------------------------------- base accuracy
-
-
-def binomial_ci95(correct: int, total: int) -> float:
-    """Half-width (in %) of the normal-approximation 95% CI of an accuracy: 1.96 * sqrt(p (1 - p) / n)."""
-    p = correct / total
-    return 100.0 * Z_95 * math.sqrt(p * (1.0 - p) / total)
 
 
 @torch.no_grad()
@@ -167,86 +148,3 @@ def analyze(checkpoint: str | os.PathLike, base_features: str | os.PathLike, nov
         "novel_discriminability": discriminability(novel["features"], novel["labels"]),
         "features_normalised": "L2",
     }
-
-
-# ------------------------------------------------------------------------------------ aggregation over seeds
-
-
-def t_quantile_975(df: int) -> float:
-    """The 0.975 quantile of Student's t with ``df`` degrees of freedom."""
-    if df < 1:
-        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
-    try:
-        from scipy.stats import t as student_t
-    except ImportError:
-        if df <= len(_T_975):
-            return _T_975[df - 1]
-        # Cornish-Fisher expansion around the normal quantile; error < 1e-5 for df > 30.
-        z = Z_95
-        return (z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-                + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3))
-    return float(student_t.ppf(0.975, df))
-
-
-def aggregate_seeds(values: Iterable[float | None]) -> dict[str, float | int | None]:
-    """Mean over seeds and the Student-t 95% CI half-width; None entries (missing numbers) are skipped.
-
-    ``ci95`` = t_{0.975, n-1} * s / sqrt(n) with s the sample std (ddof=1): few seeds, unknown variance.
-    With one value ``std`` and ``ci95`` are None (unknown, not 0); with none, ``mean`` is None too.
-    """
-    present = np.array([v for v in values if v is not None], dtype=np.float64)
-    n = len(present)
-    if n == 0:
-        return {"mean": None, "ci95": None, "std": None, "n": 0}
-    if n == 1:
-        return {"mean": float(present[0]), "ci95": None, "std": None, "n": 1}
-    std = float(present.std(ddof=1))
-    return {"mean": float(present.mean()), "ci95": t_quantile_975(n - 1) * std / math.sqrt(n), "std": std, "n": n}
-
-
-def _dig(mapping: dict[str, Any] | None, *keys: str) -> Any:
-    for key in keys:
-        if not isinstance(mapping, dict) or key not in mapping:
-            return None
-        mapping = mapping[key]
-    return mapping
-
-
-def aggregate_runs(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One entry per (dataset, arch, margin): each run number's mean and Student-t CI over seeds.
-
-    ``runs`` are the run records of ``results/metrics.json``. Runs of one group must share their
-    configuration apart from the seed, so that the CI measures seed variance and nothing else.
-    """
-    groups: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
-    for run in runs:
-        groups.setdefault((run["dataset"], run["arch"], float(run["margin"])), []).append(run)
-    aggregate = []
-    for (dataset, arch, margin), members in sorted(groups.items()):
-        members = sorted(members, key=lambda r: r["seed"])
-        for field in ("metric", "temperature", "image_size", "batch_size", "epochs"):
-            values = {repr(r.get(field)) for r in members}
-            if len(values) > 1:
-                raise UserError(
-                    f"runs of {dataset}/{arch}/m{margin:g} differ in {field} ({', '.join(sorted(values))}); "
-                    "put runs of different configurations into different metrics files"
-                )
-        shots = sorted({int(s) for r in members for s in r["shots"]})
-        val_shots = sorted({int(s) for r in members for s in (r.get("best_val") or {})})
-        aggregate.append({
-            "dataset": dataset,
-            "arch": arch,
-            "margin": margin,
-            "metric": members[0].get("metric"),
-            "temperature": members[0].get("temperature"),
-            "n_seeds": len(members),
-            "seeds": [r["seed"] for r in members],
-            "novel": {str(s): aggregate_seeds(_dig(r, "shots", str(s), "accuracy_mean") for r in members)
-                      for s in shots},
-            "base_accuracy": aggregate_seeds(r.get("base_accuracy") for r in members),
-            "base_discriminability": aggregate_seeds(_dig(r, "base_discriminability", "ratio") for r in members),
-            "novel_discriminability": aggregate_seeds(_dig(r, "novel_discriminability", "ratio") for r in members),
-            "val_accuracy": {str(s): aggregate_seeds(_dig(r, "best_val", str(s), "val_accuracy") for r in members)
-                             for s in val_shots},
-        })
-    return aggregate

@@ -1,4 +1,4 @@
-"""`negmargin <verb>`: thin command-line wrappers over the package's functions.
+"""`negmargin <verb>`: the command line, one verb per workflow rule (negmargin.commands.<stage>).
 
 A user error (bad path, bad argument, wrong checkpoint) is printed as one line naming the problem,
 with exit status 2 and no traceback.
@@ -11,24 +11,20 @@ import os
 import sys
 
 from negmargin import __version__
+from negmargin.commands import Parser, data, evaluate, report, train
 from negmargin.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from negmargin import core_commands
-    from negmargin.data import commands as data_commands
-    from negmargin.reporting import commands as reporting_commands
-
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="negmargin",
         description="Negative-margin few-shot classification: prepare data, train, extract features, "
         "meta-test, analyse and report.",
     )
     parser.add_argument("--version", action="version", version=f"negmargin {__version__}")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="VERB")
-    data_commands.register(subparsers)
-    core_commands.register(subparsers)
-    reporting_commands.register(subparsers)
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="VERB", parser_class=Parser)
+    for stage in (data, train, evaluate, report):
+        stage.register(subparsers)
     return parser
 
 

@@ -38,10 +38,6 @@ class Episodes:
         return int(self.support.shape[0])
 
     @property
-    def support_labels(self) -> np.ndarray:
-        return np.repeat(np.arange(self.ways), self.shots)
-
-    @property
     def query_labels(self) -> np.ndarray:
         return np.repeat(np.arange(self.ways), self.queries)
 

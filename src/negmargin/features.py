@@ -10,7 +10,10 @@ from torch import nn
 
 from negmargin.data.loader import eval_batches
 from negmargin.data.store import Split, load_split
+from negmargin.errors import UserError
 from negmargin.io import write_npz
+from negmargin.models import load_model
+from negmargin.runtime import resolve_device
 
 
 @torch.no_grad()
@@ -44,15 +47,10 @@ def features_of_checkpoint(
     batch_size: int = 256,
     arch: str | None = None,
 ) -> dict:
-    from negmargin.models import load_model
-    from negmargin.training import resolve_device
-
     torch_device = resolve_device(device)
     model, ckpt = load_model(checkpoint, torch_device, arch=arch)
     split = load_split(split_dir)
     spec = model.spec
-    from negmargin.errors import UserError
-
     trained_on = ckpt.get("config", {}).get("dataset")
     if trained_on and split.meta.get("dataset") and trained_on != split.meta["dataset"]:
         raise UserError(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -106,3 +107,14 @@ def restore(base: str | os.PathLike, manifest: str = MANIFEST) -> tuple[int, int
         os.utime(path, ns=(st.st_atime_ns, entry["mtime_ns"]))
         restored += 1
     return restored, differing
+
+
+def restore_and_report(base: str | os.PathLike) -> None:
+    """:func:`restore`, with one line on stderr saying what it did (nothing when there was nothing to do)."""
+    restored, differing = restore(base)
+    if restored or differing:
+        print(
+            f"{MANIFEST}: restored the recorded modification time of {restored} file(s) whose content is "
+            f"unchanged; {differing} file(s) differ from the record and keep their new time.",
+            file=sys.stderr,
+        )

@@ -22,39 +22,15 @@ This is exact (up to rounding), not an approximation. Costed in flops, the D-dim
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from negmargin.episodes import Episodes, batch_schedule, initial_head_weights, sample_episodes
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    steps: int
-    lr: float = 0.01
-    momentum: float = 0.9
-    dampening: float = 0.9
-    weight_decay: float = 1e-3
-    batch_size: int = 4
-    temperature: float = 5.0
-
-    @classmethod
-    def for_shots(cls, shots: int, **overrides) -> FinetuneConfig:
-        """mmfewshot's settings: 150 steps for 1-shot, 600 otherwise; ``None`` overrides are ignored."""
-        values = {"steps": 150 if shots == 1 else 600}
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
-
-
-def ci95(accuracies: np.ndarray) -> float:
-    """mmfewshot's 'std' column: 1.96 · population std (ddof=0) / sqrt(N), in the accuracies' unit."""
-    accuracies = np.asarray(accuracies, dtype=np.float64)
-    return float(1.96 * accuracies.std(ddof=0) / math.sqrt(len(accuracies)))
+from negmargin.options import FinetuneConfig
+from negmargin.stats import ci95
 
 
 def _projections(
@@ -146,7 +122,7 @@ def run_metatest(
     config: FinetuneConfig | None = None,
 ) -> dict:
     """Sample the episodes, fine-tune and score them; returns the result record (accuracies in %)."""
-    config = config or FinetuneConfig.for_shots(shots)
+    config = (config or FinetuneConfig()).for_shots(shots)
     started = time.perf_counter()
     sampled = sample_episodes(labels, ways, shots, queries, episodes, seed)
     accuracies = finetune_and_predict(torch.from_numpy(np.ascontiguousarray(features)), sampled, config)
@@ -159,7 +135,7 @@ def run_metatest(
         "queries": queries,
         "episodes": episodes,
         "seed": seed,
-        "finetune": asdict(config),
+        "finetune": config.to_dict(),
         "episodes_sha256": sampled.digest(),
         "num_features": int(features.shape[0]),
         "feature_dim": int(features.shape[1]),

@@ -22,7 +22,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,58 +37,8 @@ from negmargin.features import extract_features
 from negmargin.io import torch_save, write_json, write_text
 from negmargin.metatest import run_metatest
 from negmargin.models import CHECKPOINT_FORMAT, Classifier, ModelSpec, read_checkpoint
-
-# Settings that may change between an interrupted run and its resumption without changing the result.
-RESUMABLE_CHANGES = {"device", "num_workers", "log_every"}
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    arch: str = "conv4"
-    metric: str = "cosine"
-    margin: float = -0.01
-    temperature: float = 10.0
-    num_classes: int | None = None  # None: the number of base classes
-    epochs: int = 200
-    batch_size: int = 64
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    lr_steps: tuple[int, ...] = (60, 120)
-    lr_gamma: float = 0.1
-    warmup_iters: int = 3000
-    warmup_ratio: float = 0.25
-    seed: int = 0
-    val_every: int = 5
-    val_episodes: int = 100
-    val_shots: tuple[int, ...] = (1,)
-    val_ways: int = 5
-    val_queries: int = 15
-    val_seed: int = 0
-    image_size: int | None = None  # None: 84 for the imagenet84 pipeline, the stored size for omniglot
-    device: str = "auto"
-    amp: str = "none"
-    channels_last: bool = True
-    num_workers: int = 0
-    checkpoint_every: int = 0
-    log_every: int = 50
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (self.lr > 0, f"lr must be positive, got {self.lr}"),
-            (self.temperature > 0, f"temperature must be positive, got {self.temperature}"),
-            (self.val_every >= 1, f"val_every must be >= 1, got {self.val_every}"),
-            (len(self.val_shots) >= 1, "val_shots needs at least one shot count"),
-            (0 < self.warmup_ratio <= 1, f"warmup_ratio must be in (0, 1], got {self.warmup_ratio}"),
-            (self.amp in ("none", "bf16"), f"amp must be 'none' or 'bf16', got {self.amp!r}"),
-            (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
-             f"device must be auto, cpu or cuda[:N], got {self.device!r}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
+from negmargin.options import RESUMABLE_CHANGES, TrainConfig
+from negmargin.runtime import EpochProgress, resolve_device
 
 
 def learning_rate(config: TrainConfig, epoch: int, iteration: int) -> float:
@@ -99,57 +49,12 @@ def learning_rate(config: TrainConfig, epoch: int, iteration: int) -> float:
     return regular
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} asked for, but CUDA is not available on this machine")
-    return torch.device(device)
-
-
-class Progress:
-    """A tqdm bar on a terminal; plain log lines (every ``every`` iterations) otherwise."""
-
-    def __init__(self, total: int, epoch: int, epochs: int, every: int) -> None:
-        self.tty = sys.stderr.isatty()
-        self.total, self.epoch, self.epochs, self.every = total, epoch, epochs, max(1, every)
-        self.bar = None
-        if self.tty:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=f"epoch {epoch}/{epochs}", unit="it", leave=False)
-
-    def update(self, iteration: int, loss: float, images_per_s: float) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{images_per_s:.0f}")
-        elif iteration % self.every == 0 or iteration == self.total:
-            print(
-                f"epoch {self.epoch}/{self.epochs} iter {iteration}/{self.total} loss {loss:.4f} "
-                f"img/s {images_per_s:.0f}",
-                file=sys.stderr,
-                flush=True,
-            )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 @dataclass
 class _State:
     epoch: int = 0  # epochs completed
     iteration: int = 0
     best: dict[str, dict[str, Any]] = field(default_factory=dict)  # shot -> {accuracy, ci95, epoch}
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _config_dict(config: TrainConfig) -> dict[str, Any]:
-    values = asdict(config)
-    for key, value in values.items():
-        if isinstance(value, tuple):
-            values[key] = list(value)
-    return values
 
 
 def _check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
@@ -205,7 +110,7 @@ def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Train
         raise UserError("amp 'bf16' needs a CUDA device; use --amp none on CPU")
     spec = ModelSpec(config.arch, base.channels, image_size, num_classes, config.metric,
                      config.temperature, config.margin)
-    config_record = {**_config_dict(config), "dataset": base.meta.get("dataset", data_dir.name),
+    config_record = {**config.to_dict(), "dataset": base.meta.get("dataset", data_dir.name),
                      "data": str(data_dir), "image_size": image_size, "num_classes": num_classes}
 
     torch.manual_seed(config.seed)
@@ -231,7 +136,7 @@ def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Train
         model.train()
         loader = epoch_loader(base, config.batch_size, config.seed, epoch, image_size, config.num_workers,
                               pin_memory=device.type == "cuda")
-        progress = Progress(len(loader), epoch + 1, config.epochs, config.log_every)
+        progress = EpochProgress(len(loader), epoch + 1, config.epochs, config.log_every)
         loss_sum, correct, seen, compute_s = 0.0, 0, 0, 0.0
         epoch_started = time.perf_counter()
         for batch_index, (images, labels) in enumerate(loader):
@@ -327,9 +232,3 @@ def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Train
     }
     write_json(out / "train.json", summary)
     return summary
-
-
-def config_from_args(values: dict[str, Any]) -> TrainConfig:
-    known = {f.name for f in fields(TrainConfig)}
-    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in known and v is not None}
-    return TrainConfig(**kwargs)

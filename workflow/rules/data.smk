@@ -3,7 +3,7 @@
 
 rule prepare:
     input:
-        unpack(prepare_input),
+        unpack(P.prepare_input),
     output:
         prepared=PREPARED,
     log:
@@ -12,15 +12,11 @@ rule prepare:
         "benchmarks/prepare/{dataset}.tsv"
     conda:
         "../../envs/torch.yaml"
-    threads: rule_resource("prepare", "threads")
+    threads: P.threads("prepare")
     resources:
-        mem_mb=rule_resource("prepare", "mem_mb"),
-        runtime=attempt_runtime("prepare"),
-        cpus_per_task=rule_resource("prepare", "threads"),
+        **P.resources("prepare"),
     params:
-        command=prepare_command,
-        args=prepare_args,
-        out=lambda wildcards, output: os.path.dirname(output.prepared),
+        args=P.prepare_args,
+        out=out_dir("prepared"),
     shell:
-        "python -m negmargin prepare {params.command} {params.args} --out {params.out}"
-        " > {log} 2>&1"
+        "python -m negmargin prepare {params.args} --out {params.out} > {log} 2>&1"

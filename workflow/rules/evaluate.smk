@@ -14,13 +14,11 @@ rule select:
         "benchmarks/select/{dataset}/{arch}/m{margin}/s{seed}/{shot}shot.tsv"
     conda:
         "../../envs/torch.yaml"
-    threads: rule_resource("select", "threads")
+    threads: P.threads("select")
     resources:
-        mem_mb=rule_resource("select", "mem_mb"),
-        runtime=attempt_runtime("select"),
-        cpus_per_task=rule_resource("select", "threads"),
+        **P.resources("select"),
     params:
-        train_dir=lambda wildcards, input: os.path.dirname(input.train),
+        train_dir=in_dir("train"),
         mode=config["selection_mode"],
     shell:
         "python -m negmargin select --train-dir {params.train_dir} --shot {wildcards.shot}"
@@ -39,20 +37,16 @@ rule features:
         "benchmarks/features/{dataset}/{arch}/m{margin}/s{seed}/{shot}shot_{split}.tsv"
     conda:
         "../../envs/torch.yaml"
-    threads: rule_resource("features", "threads")
+    threads: P.threads("features")
     resources:
-        mem_mb=rule_resource("features", "mem_mb"),
-        runtime=attempt_runtime("features"),
-        cpus_per_task=rule_resource("features", "threads"),
-        gpu=gpu_count,
-        gpu_model=gpu_model,
-        gres=gpu_gres,
+        **P.resources("features"),
+        **P.gpu_resources(),
     params:
         split=lambda wildcards, input: os.path.join(
             os.path.dirname(input.prepared), wildcards.split
         ),
         batch_size=config["features"]["batch_size"],
-        device=device_args,
+        device=P.device_args,
     shell:
         "python -m negmargin features --checkpoint {input.selection} --split {params.split}"
         " --batch-size {params.batch_size} {params.device} --threads {threads}"
@@ -61,7 +55,7 @@ rule features:
 
 rule metatest:
     input:
-        features=novel_features_for,
+        features=P.novel_features_for,
         selection=SELECTION,
     output:
         result=METATEST,
@@ -71,13 +65,11 @@ rule metatest:
         "benchmarks/metatest/{dataset}/{arch}/m{margin}/s{seed}/{shot}shot.tsv"
     conda:
         "../../envs/torch.yaml"
-    threads: rule_resource("metatest", "threads")
+    threads: P.threads("metatest")
     resources:
-        mem_mb=rule_resource("metatest", "mem_mb"),
-        runtime=attempt_runtime("metatest"),
-        cpus_per_task=rule_resource("metatest", "threads"),
+        **P.resources("metatest"),
     params:
-        episodes=metatest_args,
+        episodes=P.metatest_args,
     shell:
         "python -m negmargin metatest --features {input.features} --shots {wildcards.shot}"
         " {params.episodes} --threads {threads} --out {output.result} > {log} 2>&1"
@@ -85,7 +77,7 @@ rule metatest:
 
 rule analyze:
     input:
-        unpack(analysis_inputs),
+        unpack(P.analysis_inputs),
     output:
         analysis=ANALYSIS,
     log:
@@ -94,11 +86,9 @@ rule analyze:
         "benchmarks/analyze/{dataset}/{arch}/m{margin}/s{seed}.tsv"
     conda:
         "../../envs/report.yaml"
-    threads: rule_resource("analyze", "threads")
+    threads: P.threads("analyze")
     resources:
-        mem_mb=rule_resource("analyze", "mem_mb"),
-        runtime=attempt_runtime("analyze"),
-        cpus_per_task=rule_resource("analyze", "threads"),
+        **P.resources("analyze"),
     shell:
         "python -m negmargin analyze --checkpoint {input.selection}"
         " --base-features {input.base_features} --novel-features {input.novel_features}"

@@ -4,7 +4,7 @@
 
 rule metrics:
     input:
-        run_outputs,
+        P.run_outputs,
     output:
         metrics=METRICS,
     log:
@@ -13,13 +13,11 @@ rule metrics:
         "benchmarks/report/metrics.tsv"
     conda:
         "../../envs/report.yaml"
-    threads: rule_resource("report", "threads")
+    threads: P.threads("report")
     resources:
-        mem_mb=rule_resource("report", "mem_mb"),
-        runtime=attempt_runtime("report"),
-        cpus_per_task=rule_resource("report", "threads"),
+        **P.resources("report"),
     params:
-        runs=run_dirs(),
+        runs=P.run_dirs(),
     shell:
         "python -m negmargin metrics --runs {params.runs} --out {output.metrics} > {log} 2>&1"
 
@@ -40,13 +38,11 @@ rule table:
         "benchmarks/report/table_{dataset}.tsv"
     conda:
         "../../envs/report.yaml"
-    threads: rule_resource("report", "threads")
+    threads: P.threads("report")
     resources:
-        mem_mb=rule_resource("report", "mem_mb"),
-        runtime=attempt_runtime("report"),
-        cpus_per_task=rule_resource("report", "threads"),
+        **P.resources("report"),
     params:
-        options=table_args,
+        options=P.table_args,
     shell:
         "python -m negmargin table --metrics {input.metrics} --dataset {wildcards.dataset}"
         " {params.options} --out {output.table} > {log} 2>&1"
@@ -91,13 +87,11 @@ rule plot_margins:
         "benchmarks/report/plot_margins_{dataset}_{arch}.tsv"
     conda:
         "../../envs/report.yaml"
-    threads: rule_resource("report", "threads")
+    threads: P.threads("report")
     resources:
-        mem_mb=rule_resource("report", "mem_mb"),
-        runtime=attempt_runtime("report"),
-        cpus_per_task=rule_resource("report", "threads"),
+        **P.resources("report"),
     params:
-        out_dir=lambda wildcards, output: os.path.dirname(output.accuracy),
+        out_dir=out_dir("accuracy"),
     shell:
         "python -m negmargin plot-margins --metrics {input.metrics} --dataset {wildcards.dataset}"
         " --arch {wildcards.arch} --out-dir {params.out_dir} > {log} 2>&1"
@@ -105,7 +99,7 @@ rule plot_margins:
 
 rule plot_tsne:
     input:
-        unpack(tsne_features),
+        unpack(P.tsne_features),
     output:
         figure=report(
             f"{PLOTS}/tsne_novel.png",
@@ -121,17 +115,14 @@ rule plot_tsne:
         "benchmarks/report/plot_tsne_{dataset}_{arch}.tsv"
     conda:
         "../../envs/report.yaml"
-    threads: rule_resource("report", "threads")
+    threads: P.threads("report")
     resources:
-        mem_mb=rule_resource("report", "mem_mb"),
-        runtime=attempt_runtime("report"),
-        cpus_per_task=rule_resource("report", "threads"),
+        **P.resources("report"),
     params:
-        features=tsne_args,
-        options=tsne_options,
-        out_dir=lambda wildcards, output: os.path.dirname(output.figure),
+        args=P.tsne_args,
+        out_dir=out_dir("figure"),
     shell:
-        "python -m negmargin plot-tsne {params.features} {params.options}"
+        "python -m negmargin plot-tsne {params.args}"
         " --out-dir {params.out_dir} > {log} 2>&1"
 
 
@@ -146,10 +137,8 @@ rule summary:
         "benchmarks/report/summary.tsv"
     conda:
         "../../envs/report.yaml"
-    threads: rule_resource("report", "threads")
+    threads: P.threads("report")
     resources:
-        mem_mb=rule_resource("report", "mem_mb"),
-        runtime=attempt_runtime("report"),
-        cpus_per_task=rule_resource("report", "threads"),
+        **P.resources("report"),
     shell:
         "python -m negmargin summary --metrics {input.metrics} --out {output.summary} > {log} 2>&1"

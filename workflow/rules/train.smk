@@ -14,20 +14,15 @@ rule train:
         "benchmarks/train/{dataset}/{arch}/m{margin}/s{seed}.tsv"
     conda:
         "../../envs/torch.yaml"
-    threads: rule_resource("train", "threads")
+    threads: P.threads("train")
     resources:
-        mem_mb=rule_resource("train", "mem_mb"),
-        runtime=attempt_runtime("train"),
-        cpus_per_task=rule_resource("train", "threads"),
-        gpu=gpu_count,
-        gpu_model=gpu_model,
-        gres=gpu_gres,
+        **P.resources("train"),
+        **P.gpu_resources(),
     params:
-        data=lambda wildcards, input: os.path.dirname(input.prepared),
-        out=lambda wildcards, output: os.path.dirname(output.summary),
-        hyper=train_args,
-        compute=train_compute_args,
+        data=in_dir("prepared"),
+        out=out_dir("summary"),
+        options=P.train_args,
     shell:
         "python -m negmargin train --data {params.data} --arch {wildcards.arch}"
-        " --margin={wildcards.margin} --seed {wildcards.seed} {params.hyper} {params.compute}"
+        " --margin={wildcards.margin} --seed {wildcards.seed} {params.options}"
         " --threads {threads} --out {params.out} > {log} 2>&1"

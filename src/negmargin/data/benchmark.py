@@ -33,12 +33,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from negmargin.data.download import Progress
+from negmargin.data.download import Digests, fetch_source, is_url, local_path
 from negmargin.data.store import SplitWriter
+from negmargin.datasets import DATASETS, SPLITS
 from negmargin.errors import UserError
 from negmargin.io import write_json
+from negmargin.options import SourceConfig
+from negmargin.runtime import Progress
 
-SPLITS = ("base", "base_holdout", "val", "novel")
 PIPELINE = "imagenet84"
 FULL_RESOLUTION_IMAGE_SIZE = 96
 BATCH = 256
@@ -219,6 +221,30 @@ def write_benchmark(
     }
     write_json(out / "prepared.json", summary)
     return summary
+
+
+def obtain(dataset: str, source: SourceConfig, fixture: bool) -> tuple[str, Path, Digests | None]:
+    """A dataset's raw data as a local path, downloaded and verified when it is a URL: the configured source,
+    else the registry's official archive. Returns (the source as given or defaulted, path, digests).
+
+    With no checksum or size given, an archive that is not a test fixture must pass the official archive's
+    checks (the registry's ``archive.md5``/``size``); a folder is taken as it is.
+    """
+    spec = DATASETS[dataset]
+    location, mirrors = source.source, source.mirrors
+    if location is None or not str(location).strip():
+        location, mirrors = spec.archive.url or spec.default_source, mirrors or spec.archive.mirrors
+    if location is None:
+        raise UserError(f"no {dataset} source configured (datasets.{dataset}.prepare.source, --source): "
+                        f"{spec.how_to_get}")
+    md5, sha256, size = source.md5, source.sha256, source.size
+    checks_given = bool(md5 or sha256 or size is not None)
+    is_folder = not is_url(location) and local_path(location).is_dir()
+    if not (fixture or checks_given or is_folder):
+        md5, size = spec.archive.md5, spec.archive.size
+    path, digests = fetch_source(location, source.raw_dir, md5=md5, sha256=sha256, size=size, mirrors=mirrors,
+                                 retries=source.retries, backoff=source.backoff, timeout=source.timeout)
+    return str(location), path, digests
 
 
 def source_summary(source: str | os.PathLike, path: Path, digests) -> dict[str, Any]:

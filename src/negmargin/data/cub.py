@@ -26,18 +26,16 @@ from negmargin.data.benchmark import (
     FULL_RESOLUTION_IMAGE_SIZE,
     PlannedSplit,
     holdout_positions,
+    obtain,
     source_summary,
     split_file,
     write_benchmark,
 )
-from negmargin.data.download import fetch_source, is_url, local_path
 from negmargin.data.extract import extract_once
+from negmargin.datasets import BenchmarkOptions
 from negmargin.errors import UserError
+from negmargin.options import SourceConfig
 
-CUB_URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz?download=1"
-CUB_LEGACY_URL = "http://www.vision.caltech.edu/visipedia-data/CUB-200-2011/CUB_200_2011.tgz"
-CUB_MD5 = "97eceeb196236b17998738112f37df78"
-CUB_SIZE = 1_150_585_339
 CUB_IMAGES = 11_788
 CUB_CLASSES = 200
 DEFAULT_BASE_HOLDOUT = 5
@@ -106,47 +104,23 @@ def list_images(root: Path) -> dict[str, list[str]]:
     return listing
 
 
-def prepare_cub(
-    source: str | os.PathLike | None,
-    out: str | os.PathLike,
-    *,
-    raw_dir: str | os.PathLike = "data/raw",
-    md5: str | None = None,
-    sha256: str | None = None,
-    size: int | None = None,
-    mirrors: Sequence[str] = (),
-    image_size: int | None = None,
-    base_holdout: int | None = None,
-    seed: int = 0,
-    expect_full: bool = True,
-    workers: int | None = None,
-    skip_bad_images: bool = False,
-) -> dict:
+def prepare_cub(out: str | os.PathLike, source: SourceConfig, options: BenchmarkOptions) -> dict:
     """Prepare CUB-200-2011 into ``out`` (``base``, ``base_holdout``, ``val``, ``novel``, ``prepared.json``).
 
-    * ``source``: URL, ``.tgz`` path or folder; ``None`` means the official CaltechDATA URL, with the legacy
-      Caltech URL as a mirror.
-    * ``md5``/``sha256``/``size``: checks of the archive. With ``expect_full`` and none given, the official
-      archive's md5 and size are checked.
-    * ``image_size``: stored side length (default 96).
-    * ``base_holdout``: images per base class kept out of ``base`` (default 5; at least 1).
-    * ``expect_full``: assert the real dataset (200 classes, 11,788 images). ``False`` accepts a subset of
-      the real classes, for test fixtures.
+    * ``source.source``: URL, ``.tgz`` path or folder; null means the official archive (the registry's).
+      With no checksum or size given, an archive must be the official one (unless ``options.fixture``).
+    * ``options.image_size``: stored side length (default 96); ``options.base_holdout``: images per base
+      class kept out of ``base`` (default 5).
+    * ``options.fixture``: accept a subset of the real classes (test fixtures); otherwise the real dataset
+      (200 classes, 11,788 images) is asserted.
     """
-    if source is None:
-        source, mirrors = CUB_URL, tuple(mirrors) or (CUB_LEGACY_URL,)
-    image_size = FULL_RESOLUTION_IMAGE_SIZE if image_size is None else int(image_size)
-    base_holdout = DEFAULT_BASE_HOLDOUT if base_holdout is None else int(base_holdout)
-    if base_holdout < 1:
-        raise UserError(
-            f"base_holdout must be at least 1 (the margin analysis needs held-out base images), got {base_holdout}"
-        )
-    is_folder = not is_url(source) and local_path(source).is_dir()
-    if expect_full and not is_folder and not (md5 or sha256 or size is not None):
-        md5, size = CUB_MD5, CUB_SIZE  # the official archive
-    path, digests = fetch_source(source, raw_dir, md5=md5, sha256=sha256, size=size, mirrors=mirrors)
+    expect_full = not options.fixture
+    image_size = FULL_RESOLUTION_IMAGE_SIZE if options.image_size is None else options.image_size
+    base_holdout = DEFAULT_BASE_HOLDOUT if options.base_holdout is None else options.base_holdout
+    seed = options.seed
+    source_text, path, digests = obtain("cub", source, options.fixture)
     if path.is_file():
-        root = find_root(extract_once(path, Path(raw_dir) / "cub"))
+        root = find_root(extract_once(path, Path(source.raw_dir) / "cub"))
     else:
         root = find_root(path)
 
@@ -192,7 +166,7 @@ def prepare_cub(
                 plans["base_holdout" if position in held else split].items.append(item)
 
     summary = {
-        **source_summary(source, path, digests),
+        **source_summary(source_text, path, digests),
         "source_kind": "archive" if path.is_file() else "folder",
         "images_root": str(root),
         "class_split": "sorted folder index i: i%2==0 base, i%4==1 val, i%4==3 novel (checked against splits/CUB)",
@@ -202,4 +176,5 @@ def prepare_cub(
         "expect_full": expect_full,
         "total_images": total,
     }
-    return write_benchmark(out, "cub", plans, Path.read_bytes, image_size, summary, workers, skip_bad_images)
+    return write_benchmark(out, "cub", plans, Path.read_bytes, image_size, summary, options.workers,
+                           source.skip_bad_images)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from negmargin import __version__
 from negmargin.errors import UserError
+from negmargin.runtime import Progress
 
 CHUNK = 1 << 20
 USER_AGENT = f"negmargin/{__version__} (+urllib)"
@@ -41,9 +42,6 @@ class Digests:
     size: int
     md5: str
     sha256: str
-
-    def as_dict(self) -> dict:
-        return {"size": self.size, "md5": self.md5, "sha256": self.sha256}
 
 
 def is_url(source: str | os.PathLike) -> bool:
@@ -64,106 +62,6 @@ def url_filename(url: str) -> str:
     name = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name
     name = re.sub(r"[^A-Za-z0-9._+-]", "_", name).lstrip(".")
     return name or "download"
-
-
-# ----------------------------------------------------------------------------------------------- progress
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def _human_time(seconds: float) -> str:
-    seconds = int(seconds)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
-
-
-class Progress:
-    """A counter of bytes (or of other ``unit``s): a tqdm bar on a terminal, otherwise a plain line every ``interval`` seconds.
-
-    The plain lines (and the closing one) go to stderr, so that logs of a workflow run show how far a
-    long download got without a carriage-return bar.
-    """
-
-    def __init__(
-        self,
-        label: str,
-        total: int | None,
-        initial: int = 0,
-        interval: float = 30.0,
-        stream=None,
-        unit: str = "B",
-    ) -> None:
-        self.label, self.total, self.done, self.unit = label, total, initial, unit
-        self.stream = stream if stream is not None else sys.stderr
-        self.interval = interval
-        self._start, self._start_bytes = time.monotonic(), initial
-        self._last_print = self._start
-        self._bar = None
-        if getattr(self.stream, "isatty", lambda: False)():
-            from tqdm import tqdm
-
-            scaled = unit == "B"
-            self._bar = tqdm(
-                total=total,
-                initial=initial,
-                unit=unit,
-                unit_scale=scaled,
-                unit_divisor=1024,
-                desc=label,
-                file=self.stream,
-                dynamic_ncols=True,
-                leave=True,
-            )
-
-    def reset(self, done: int, total: int | None = None) -> None:
-        """Start counting again from ``done`` bytes (after a restart or a resumed request)."""
-        self.done = done
-        if total is not None:
-            self.total = total
-        self._start, self._start_bytes = time.monotonic(), done
-        if self._bar is not None:
-            self._bar.reset(total=self.total)
-            self._bar.update(done)
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self._bar is not None:
-            self._bar.update(n)
-            return
-        now = time.monotonic()
-        if now - self._last_print >= self.interval:
-            self._last_print = now
-            self._print_line()
-
-    def _amount(self, n: float) -> str:
-        return _human_bytes(n) if self.unit == "B" else f"{n:,.0f} {self.unit}"
-
-    def _print_line(self, final: bool = False) -> None:
-        elapsed = max(time.monotonic() - self._start, 1e-9)
-        rate = (self.done - self._start_bytes) / elapsed
-        text = f"{self.label}: {self._amount(self.done)}"
-        if self.total:
-            text += f" / {self._amount(self.total)} ({100.0 * self.done / self.total:.1f}%)"
-        text += f", {self._amount(rate)}/s"
-        if final:
-            text += f", done in {_human_time(elapsed)}"
-        elif self.total and rate > 0:
-            text += f", ETA {_human_time((self.total - self.done) / rate)}"
-        print(text, file=self.stream, flush=True)
-
-    def close(self, final: bool = True) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-        elif final:
-            self._print_line(final=True)
 
 
 # ----------------------------------------------------------------------------------------------- verify
@@ -457,6 +355,7 @@ def fetch_source(
     mirrors: Sequence[str] = (),
     retries: int = 5,
     backoff: float = 2.0,
+    timeout: float = 60.0,
 ) -> tuple[Path, Digests | None]:
     """Resolve a dataset source to a local path: a URL is downloaded into ``raw_dir`` first.
 
@@ -473,6 +372,7 @@ def fetch_source(
             mirrors=mirrors,
             retries=retries,
             backoff=backoff,
+            timeout=timeout,
         )
     path = local_path(source)
     if path.is_dir():

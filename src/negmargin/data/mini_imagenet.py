@@ -39,14 +39,17 @@ from negmargin.data.benchmark import (
     FULL_RESOLUTION_IMAGE_SIZE,
     PlannedSplit,
     holdout_positions,
+    obtain,
     source_summary,
     split_file,
     write_benchmark,
 )
-from negmargin.data.download import check_digests, fetch_source, is_url, local_path
+from negmargin.data.download import check_digests, is_url, local_path
 from negmargin.data.extract import archive_kind
+from negmargin.datasets import BenchmarkOptions
 from negmargin.errors import UserError
 from negmargin.io import write_text
+from negmargin.options import SourceConfig
 
 ILSVRC_TRAIN_TAR = "ILSVRC2012_img_train.tar"
 ILSVRC_TRAIN_MD5 = "1d675b47d978889d74fa0da5fadfb00e"
@@ -361,44 +364,27 @@ def _plan_ravi(source, base_holdout: int, rng: np.random.Generator, expect_full:
     return plans
 
 
-def prepare_mini_imagenet(
-    source: str | os.PathLike | None,
-    out: str | os.PathLike,
-    *,
-    raw_dir: str | os.PathLike = "data/raw",
-    md5: str | None = None,
-    sha256: str | None = None,
-    size: int | None = None,
-    mirrors: Sequence[str] = (),
-    image_size: int | None = None,
-    base_holdout: int | None = None,
-    seed: int = 0,
-    expect_full: bool = True,
-    workers: int | None = None,
-    skip_bad_images: bool = False,
-) -> dict:
+def prepare_mini_imagenet(out: str | os.PathLike, source: SourceConfig, options: BenchmarkOptions) -> dict:
     """Prepare mini-ImageNet into ``out`` (``base``, ``base_holdout``, ``val``, ``novel``, ``prepared.json``).
 
-    * ``source``: ILSVRC train tar, Ravi's images.zip, a folder (either layout), or a URL of one of the
-      archives. ``None`` or a missing path: UserError with the steps to obtain the images.
-    * ``md5``/``sha256``/``size``: checks of the archive. With ``expect_full`` and none given, an ILSVRC tar
-      must have the official md5.
-    * ``image_size``: default 96 for ILSVRC (full resolution), 84 (the native size) for Ravi's images.
-    * ``base_holdout``: see the module docstring (default: all non-CSV images for ILSVRC, 20 for Ravi).
-    * ``expect_full``: assert 64/16/20 classes x 600 images; ``False`` accepts a subset (test fixtures).
+    * ``source.source``: ILSVRC train tar, Ravi's images.zip, a folder (either layout), or a URL of one of
+      the archives. Null or a missing path: UserError with the steps to obtain the images.
+      With no checksum or size given, an ILSVRC tar must have the official md5 (unless ``options.fixture``).
+    * ``options.image_size``: default 96 for ILSVRC (full resolution), 84 (the native size) for Ravi's images.
+    * ``options.base_holdout``: see the module docstring (default: all non-CSV images for ILSVRC, 20 for Ravi).
+    * ``options.fixture``: accept a subset (test fixtures); otherwise 64/16/20 classes x 600 images are asserted.
     """
-    if source is None or str(source).strip() == "":
+    expect_full = not options.fixture
+    image_size, base_holdout, seed = options.image_size, options.base_holdout, options.seed
+    if source.source is None or str(source.source).strip() == "":
         raise UserError(f"no mini-ImageNet source configured ({CONFIG_KEY}). " + HOW_TO_GET)
-    if not is_url(source) and not local_path(source).exists():
-        raise UserError(f"{local_path(source)}: mini-ImageNet source not found. " + HOW_TO_GET)
-    if base_holdout is not None and base_holdout < 1:
-        raise UserError(
-            f"base_holdout must be at least 1 (the margin analysis needs held-out base images), got {base_holdout}"
-        )
-    path, digests = fetch_source(source, raw_dir, md5=md5, sha256=sha256, size=size, mirrors=mirrors)
+    if not is_url(source.source) and not local_path(source.source).exists():
+        raise UserError(f"{local_path(source.source)}: mini-ImageNet source not found. " + HOW_TO_GET)
+    source_text, path, digests = obtain("mini_imagenet", source, options.fixture)
+    md5, sha256, size = source.md5, source.sha256, source.size
     reader = open_source(path)
     try:
-        summary = source_summary(source, path, digests)
+        summary = source_summary(source_text, path, digests)
         if reader.kind == "ilsvrc" and path.is_file():
             if expect_full and digests is not None and not (md5 or sha256 or size is not None):
                 check_digests(str(path), digests, md5=ILSVRC_TRAIN_MD5)
@@ -443,6 +429,7 @@ def prepare_mini_imagenet(
             seed=seed,
             expect_full=expect_full,
         )
-        return write_benchmark(out, "mini_imagenet", plans, reader.read, image_size, summary, workers, skip_bad_images)
+        return write_benchmark(out, "mini_imagenet", plans, reader.read, image_size, summary, options.workers,
+                               source.skip_bad_images)
     finally:
         reader.close()

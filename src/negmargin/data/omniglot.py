@@ -22,12 +22,13 @@ import numpy as np
 from PIL import Image
 
 from negmargin.data.store import SplitWriter
+from negmargin.datasets import DATASETS, OMNIGLOT_DRAWERS, OmniglotOptions
 from negmargin.errors import UserError
 from negmargin.io import sha256_file, write_json
+from negmargin.options import SourceConfig
 
 SPLITS = {0: "base", 1: "val", 2: "novel"}
 OMNIGLOT_105_SHA256 = "5e8688706581db953313960f125e1badbc0c0aac21177480a2327007f8db9771"
-DRAWERS = 20
 
 
 def _render(ink: np.ndarray, image_size: int, rotation: int) -> np.ndarray:
@@ -38,26 +39,18 @@ def _render(ink: np.ndarray, image_size: int, rotation: int) -> np.ndarray:
     return np.rot90(np.asarray(picture, dtype=np.uint8), k=rotation // 90).copy()
 
 
-def prepare_omniglot(
-    source: str | os.PathLike,
-    out: str | os.PathLike,
-    image_size: int = 28,
-    base_holdout: int = 4,
-    rotations: tuple[int, ...] = (0,),
-    seed: int = 0,
-    verify: bool = True,
-    max_classes: int | None = None,
-) -> dict:
-    source, out = Path(source), Path(out)
+def prepare_omniglot(out: str | os.PathLike, source: SourceConfig, options: OmniglotOptions,
+                     verify: bool = True) -> dict:
+    """Prepare the embedded archive (``source.source``, null: the registry's default path) into ``out``."""
+    out = Path(out)
+    source = Path(source.source or DATASETS["omniglot"].default_source)
+    image_size, base_holdout, seed = options.image_size, options.base_holdout, options.seed
+    rotations, max_classes = tuple(options.rotations), options.max_classes
     if not source.is_file():
         raise UserError(f"{source}: Omniglot archive not found (expected resources/omniglot/omniglot_105.npz)")
     digest = sha256_file(source)
     if verify and digest != OMNIGLOT_105_SHA256:
         raise UserError(f"{source}: sha256 is {digest}, expected {OMNIGLOT_105_SHA256}")
-    if not 0 <= base_holdout < DRAWERS:
-        raise UserError(f"base_holdout must be in 0..{DRAWERS - 1}, got {base_holdout}")
-    if not rotations or any(r not in (0, 90, 180, 270) for r in rotations):
-        raise UserError(f"rotations must be a non-empty subset of 0, 90, 180, 270; got {list(rotations)}")
     archive = np.load(source)
     ink = np.unpackbits(archive["ink_rows"], axis=-1, count=105).astype(bool)
     alphabet_names = archive["alphabet_names"]
@@ -73,19 +66,19 @@ def prepare_omniglot(
 
     # Held-out drawers per base class, fixed before any split is written.
     base_rows = np.flatnonzero(archive["vinyals_split"] == 0)
-    held = {int(row): set(holdout_rng.permutation(DRAWERS)[:base_holdout].tolist()) for row in base_rows}
+    held = {int(row): set(holdout_rng.permutation(OMNIGLOT_DRAWERS)[:base_holdout].tolist()) for row in base_rows}
 
     plan: dict[str, list[tuple[int, int, list[int]]]] = {"base": [], "base_holdout": [], "val": [], "novel": []}
     for code, split in SPLITS.items():
         for row in np.flatnonzero(archive["vinyals_split"] == code)[:max_classes]:
             for rotation in rotations:
                 if split == "base":
-                    keep = [d for d in range(DRAWERS) if d not in held[int(row)]]
+                    keep = [d for d in range(OMNIGLOT_DRAWERS) if d not in held[int(row)]]
                     plan["base"].append((int(row), rotation, keep))
                     if base_holdout:
                         plan["base_holdout"].append((int(row), rotation, sorted(held[int(row)])))
                 else:
-                    plan[split].append((int(row), rotation, list(range(DRAWERS))))
+                    plan[split].append((int(row), rotation, list(range(OMNIGLOT_DRAWERS))))
     if not base_holdout:
         del plan["base_holdout"]
 

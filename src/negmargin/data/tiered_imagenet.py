@@ -27,7 +27,6 @@ import os
 import pickle
 import tarfile
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -36,14 +35,15 @@ import numpy as np
 from negmargin.data.benchmark import (
     PlannedSplit,
     holdout_positions,
+    obtain,
     source_summary,
     split_file,
     write_benchmark,
 )
-from negmargin.data.download import check_digests, fetch_source
+from negmargin.datasets import BenchmarkOptions
 from negmargin.errors import UserError
+from negmargin.options import SourceConfig
 
-TIERED_MD5 = "e07e811b9f29362d159a9edd0d838c62"
 TIERED_IMAGE_SIZE = 84
 SOURCE_SPLIT = {"base": "train", "val": "val", "novel": "test"}
 NUM_IMAGES = {"train": 448_695, "val": 124_261, "test": 206_209}
@@ -241,47 +241,21 @@ def read_labels(files: _Files, split: str) -> tuple[list[str], list[str]]:
     return image_classes, image_categories
 
 
-def prepare_tiered_imagenet(
-    source: str | os.PathLike | None,
-    out: str | os.PathLike,
-    *,
-    raw_dir: str | os.PathLike = "data/raw",
-    md5: str | None = None,
-    sha256: str | None = None,
-    size: int | None = None,
-    mirrors: Sequence[str] = (),
-    image_size: int | None = None,
-    base_holdout: int | None = None,
-    seed: int = 0,
-    expect_full: bool = True,
-    workers: int | None = None,
-    skip_bad_images: bool = False,
-) -> dict:
+def prepare_tiered_imagenet(out: str | os.PathLike, source: SourceConfig, options: BenchmarkOptions) -> dict:
     """Prepare tiered-ImageNet into ``out`` (``base``, ``base_holdout``, ``val``, ``novel``, ``prepared.json``).
 
-    * ``source``: ``tiered-imagenet.tar`` (URL or path) or a folder holding the pickles.
-    * ``md5``/``sha256``/``size``: checks of the archive; with ``expect_full`` and none given, the md5 stated
-      by torchmeta for ``tiered-imagenet.tar`` is checked.
-    * ``image_size``: default 84 (the pickles' own size).
-    * ``base_holdout``: images per base class kept out of ``base`` (default 20; at least 1).
-    * ``expect_full``: assert 351/97/160 classes and 448,695/124,261/206,209 images; ``False`` accepts a
-      subset of the real classes (test fixtures).
+    * ``source.source``: ``tiered-imagenet.tar`` (URL or path) or a folder holding the pickles. With no
+      checksum or size given, the archive must have the md5 stated by torchmeta (unless ``options.fixture``).
+    * ``options.image_size``: default 84 (the pickles' own size); ``options.base_holdout``: images per base
+      class kept out of ``base`` (default 20).
+    * ``options.fixture``: accept a subset of the real classes (test fixtures); otherwise 351/97/160 classes
+      and 448,695/124,261/206,209 images are asserted.
     """
-    if source is None or str(source).strip() == "":
-        raise UserError(
-            "no tiered-ImageNet source configured (datasets.tiered_imagenet.prepare.source): download "
-            "tiered-imagenet.tar (Google Drive id 1g1aIDy2Ar_MViF2gDXFYDBTR-HYecV07, from "
-            "renmengye/few-shot-ssl-public, 12.9 GB) and pass its path or URL"
-        )
-    image_size = TIERED_IMAGE_SIZE if image_size is None else int(image_size)
-    base_holdout = DEFAULT_BASE_HOLDOUT if base_holdout is None else int(base_holdout)
-    if base_holdout < 1:
-        raise UserError(
-            f"base_holdout must be at least 1 (the margin analysis needs held-out base images), got {base_holdout}"
-        )
-    path, digests = fetch_source(source, raw_dir, md5=md5, sha256=sha256, size=size, mirrors=mirrors)
-    if expect_full and digests is not None and not (md5 or sha256 or size is not None):
-        check_digests(str(path), digests, md5=TIERED_MD5)
+    expect_full = not options.fixture
+    image_size = TIERED_IMAGE_SIZE if options.image_size is None else options.image_size
+    base_holdout = DEFAULT_BASE_HOLDOUT if options.base_holdout is None else options.base_holdout
+    seed = options.seed
+    source_text, path, digests = obtain("tiered_imagenet", source, options.fixture)
     files = _Files(path)
     rng = np.random.default_rng(seed)
     plans: dict[str, PlannedSplit] = {}
@@ -325,7 +299,7 @@ def prepare_tiered_imagenet(
                 plans[target].items.append((int(labels[index]), f"{source_split}/{index}", index))
             num_labels[source_split] = len(classes)
         summary = {
-            **source_summary(source, path, digests),
+            **source_summary(source_text, path, digests),
             "source_kind": "archive" if path.is_file() else "folder",
             "split_files": "splits/tieredImageNet/{train,val,test}.csv",
             "image_ids": "<source split>/<index in <split>_images_png.pkl>",
@@ -334,7 +308,7 @@ def prepare_tiered_imagenet(
             "seed": seed,
             "expect_full": expect_full,
         }
-        return _write(out, plans, files, image_size, summary, workers, num_labels, skip_bad_images)
+        return _write(out, plans, files, image_size, summary, options.workers, num_labels, source.skip_bad_images)
     finally:
         files.close()
 

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from negmargin.errors import UserError
-from negmargin.models.backbones import ARCHS, build_backbone
-from negmargin.models.heads import HEADS, build_head
+from negmargin.models.backbones import build_backbone
+from negmargin.models.heads import build_head
+from negmargin.options import ARCHS, METRICS
 
 CHECKPOINT_FORMAT = "negmargin-ckpt/1"
 
@@ -94,7 +95,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", arch
     """Rebuild the model stored in a checkpoint, in eval mode. ``arch`` (optional) must match it."""
     ckpt = read_checkpoint(path)
     spec_dict = ckpt["model_spec"]
-    if spec_dict.get("arch") not in ARCHS or spec_dict.get("metric") not in HEADS:
+    if spec_dict.get("arch") not in ARCHS or spec_dict.get("metric") not in METRICS:
         raise UserError(f"{path}: unknown arch/metric {spec_dict.get('arch')!r}/{spec_dict.get('metric')!r}")
     if arch is not None and arch != spec_dict["arch"]:
         raise UserError(f"{path}: checkpoint holds a {spec_dict['arch']} model, but arch {arch!r} was asked for")

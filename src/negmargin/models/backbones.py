@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from negmargin.options import ARCHS
+
 
 def _init_conv_bn(module: nn.Module) -> None:
     # mmfewshot: kaiming_normal_(mode='fan_out', nonlinearity='leaky_relu') with a=0, BN weight 1, bias 0.
@@ -99,12 +101,10 @@ class ResNet12(nn.Module):
         return torch.flatten(self.pool(self.blocks(images)), 1)
 
 
-ARCHS = {"conv4": Conv4, "resnet12": ResNet12}
-
-
 def build_backbone(arch: str, in_channels: int) -> nn.Module:
+    """The backbone named ``arch`` in negmargin.options.ARCHS (the one list of architectures)."""
     if arch not in ARCHS:
         from negmargin.errors import UserError
 
-        raise UserError(f"unknown arch {arch!r}; expected one of {sorted(ARCHS)}")
-    return ARCHS[arch](in_channels=in_channels)
+        raise UserError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
+    return globals()[ARCHS[arch]](in_channels=in_channels)

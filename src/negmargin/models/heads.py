@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from negmargin.options import METRICS
+
 
 class _MarginHead(nn.Module):
     def __init__(self, in_features: int, num_classes: int, temperature: float, margin: float) -> None:
@@ -65,12 +67,10 @@ class SoftmaxMarginHead(_MarginHead):
         return scores - scores.min(dim=-1, keepdim=True).values
 
 
-HEADS = {"cosine": CosineMarginHead, "softmax": SoftmaxMarginHead}
-
-
 def build_head(metric: str, in_features: int, num_classes: int, temperature: float, margin: float) -> _MarginHead:
-    if metric not in HEADS:
+    """The head named ``metric`` in negmargin.options.METRICS (the one list of heads)."""
+    if metric not in METRICS:
         from negmargin.errors import UserError
 
-        raise UserError(f"unknown head metric {metric!r}; expected one of {sorted(HEADS)}")
-    return HEADS[metric](in_features, num_classes, temperature, margin)
+        raise UserError(f"unknown head metric {metric!r}; expected one of {', '.join(METRICS)}")
+    return globals()[METRICS[metric]](in_features, num_classes, temperature, margin)

@@ -1,0 +1,267 @@
+"""What each rule of the workflow runs, computed from a validated configuration.
+
+A :class:`Plan` answers the questions the rules ask of the config: the training grid, the files a target
+needs, and the command-line flags of each `negmargin` verb (derived with :func:`negmargin.settings.cli_flags`
+from the same declarations the verbs parse). ``workflow/rules/common.smk`` makes one Plan and the rules call
+its methods; every method here takes the rule's ``wildcards`` (anything with attributes) and is tested without
+Snakemake.
+
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from negmargin import settings
+from negmargin.datasets import DATASETS, SPLITS
+from negmargin.options import ARCHS, EpisodeConfig, FinetuneConfig, SourceConfig, TrainConfig, TsneConfig
+from negmargin.pipeline.config import margins, shots, validation_shots
+
+
+@dataclass(frozen=True)
+class Paths:
+    """One template per artifact, used by the rule that writes it and by every rule that reads it."""
+
+    prepared: str = "data/{dataset}/prepared.json"
+    run_dir: str = "results/{dataset}/{arch}/m{margin}/s{seed}"
+    train_summary: str = "results/{dataset}/{arch}/m{margin}/s{seed}/train/train.json"
+    selection: str = "results/{dataset}/{arch}/m{margin}/s{seed}/selected_{shot}shot.json"
+    features: str = "results/{dataset}/{arch}/m{margin}/s{seed}/features/{shot}shot_{split}.npz"
+    metatest: str = "results/{dataset}/{arch}/m{margin}/s{seed}/metatest_{shot}shot.json"
+    analysis: str = "results/{dataset}/{arch}/m{margin}/s{seed}/analysis.json"
+    metrics: str = "results/metrics.json"
+    table: str = "results/tables/{dataset}.md"
+    plots: str = "results/plots/{dataset}/{arch}"
+    summary: str = "results/summary.md"
+
+
+PATHS = Paths()
+PLOT_FILES = ("accuracy_vs_margin.png", "discriminability_vs_margin.png", "tsne_novel.png",
+              "margin_sweep.csv")  # margin_sweep.csv: what `dvc plots show` draws (dvc.yaml)
+
+# What a wildcard may match, so that paths cannot be parsed two ways.
+WILDCARD_CONSTRAINTS = {
+    "dataset": "|".join(DATASETS),
+    "arch": "|".join(ARCHS),
+    "margin": r"-?[0-9]+\.[0-9]+",
+    "seed": "[0-9]+",
+    "shot": "[0-9]+",
+    "split": "|".join(SPLITS),
+}
+RULE_FAMILIES = ("prepare", "train", "select", "features", "metatest", "analyze", "report")
+
+
+def margin_label(value: float) -> str:
+    """The margin as it appears in paths (m-0.01, m0.0, m0.2): fixed-point, no trailing zeros."""
+    value = float(value) + 0.0  # -0.0 -> 0.0
+    label = f"{value:.6f}".rstrip("0")
+    if label.endswith("."):
+        label = f"{label}0"
+    if float(label) != value:
+        raise ValueError(f"margin {value!r} has more than 6 decimals")
+    return label
+
+
+def _is_url(source: Any) -> bool:
+    return "://" in str(source)
+
+
+class Plan:
+    """The workflow's questions about one validated config (``negmargin.pipeline.config.validate``)."""
+
+    def __init__(self, config: dict[str, Any], paths: Paths = PATHS) -> None:
+        self.config = config
+        self.paths = paths
+
+    # ------------------------------------------------------------------------------------------ the grid
+
+    def dataset(self, name: str) -> dict[str, Any]:
+        return self.config["datasets"][name]
+
+    def archs(self, name: str) -> list[str]:
+        return list(self.dataset(name)["archs"])
+
+    def seeds(self, name: str) -> list[int]:
+        return [int(s) for s in self.dataset(name)["seeds"]]
+
+    def shots(self) -> list[int]:
+        return shots(self.config)
+
+    def selection_shot(self, shot: int | str) -> int:
+        """Whose selection (and features) serves meta-test shot ``shot``: under `shared` the first shot's."""
+        return self.shots()[0] if self.config["selection_mode"] == "shared" else int(shot)
+
+    def analysis_shot(self) -> int:
+        """The selection whose checkpoint is analysed (base accuracy, discriminability) and drawn in t-SNE."""
+        return self.selection_shot(self.shots()[0])
+
+    def runs(self) -> Iterator[dict[str, Any]]:
+        """Wildcard values of every training run: (dataset, arch, margin, seed)."""
+        for name in self.config["run_datasets"]:
+            for arch in self.archs(name):
+                for margin in margins(self.config, name, arch):
+                    for seed in self.seeds(name):
+                        yield {"dataset": name, "arch": arch, "margin": margin_label(margin), "seed": seed}
+
+    def run_outputs(self, wildcards: Any = None) -> list[str]:
+        """Every file `negmargin metrics` reads, for every run in the grid."""
+        files = []
+        for run in self.runs():
+            files.append(self.paths.train_summary.format(**run))
+            for shot in self.shots():
+                files += [self.paths.selection.format(**run, shot=shot), self.paths.metatest.format(**run, shot=shot)]
+            files.append(self.paths.analysis.format(**run))
+        return files
+
+    def run_dirs(self) -> list[str]:
+        return [self.paths.run_dir.format(**run) for run in self.runs()]
+
+    def final_outputs(self) -> list[str]:
+        """Every run's result files, the metrics, tables, plots and summary. The run files are targets too:
+        they are not committed (the tables, plots and metrics of the default run are), so in a fresh clone
+        they make Snakemake re-run the whole chain instead of reporting "nothing to be done"."""
+        outputs = self.run_outputs() + [self.paths.metrics, self.paths.summary]
+        for name in self.config["run_datasets"]:
+            outputs.append(self.paths.table.format(dataset=name))
+            for arch in self.archs(name):
+                folder = self.paths.plots.format(dataset=name, arch=arch)
+                outputs += [f"{folder}/{plot}" for plot in PLOT_FILES]
+        return outputs
+
+    # ------------------------------------------------------------------------------------------ resources
+
+    def threads(self, family: str) -> int:
+        return int(self.config["resources"][family]["threads"])
+
+    def resources(self, family: str) -> dict[str, Any]:
+        """mem_mb, cpus_per_task and the `runtime` (minutes) of a rule family: the configured value times
+        the attempt, capped at compute.max_runtime. A job that hits its time limit fails; with --retries
+        (the Slurm profile sets it) Snakemake resubmits it with more time, and a training job resumes from
+        its train/last.pt."""
+        configured = self.config["resources"][family]
+        cap = self.config["compute"]["max_runtime"]
+
+        def runtime(wildcards: Any, attempt: int) -> int:
+            minutes = configured["runtime"] * attempt
+            return minutes if cap is None else max(min(minutes, cap), configured["runtime"])
+
+        return {"mem_mb": configured["mem_mb"], "runtime": runtime, "cpus_per_task": configured["threads"]}
+
+    def gpu_resources(self) -> dict[str, Any]:
+        """The GPU request of train and features jobs: `gpu` (and `gpu_model`), or `gres` with
+        compute.gpu_request `gres`; None (no sbatch flag at all) where the dataset runs without one."""
+        compute = self.config["compute"]
+
+        def wanted(wildcards: Any) -> bool:
+            override = self.dataset(wildcards.dataset)["gpu"]
+            return compute["gpu"] if override is None else override
+
+        by_gres = compute["gpu_request"] == "gres"
+        model = compute["gpu_model"]
+        return {
+            "gpu": lambda w: 1 if wanted(w) and not by_gres else None,
+            "gpu_model": lambda w: model if wanted(w) and not by_gres else None,
+            "gres": lambda w: (f"gpu:{model}:1" if model else "gpu:1") if wanted(w) and by_gres else None,
+        }
+
+    def device_args(self, wildcards: Any) -> str:
+        override = self.dataset(wildcards.dataset)["gpu"]
+        gpu = self.config["compute"]["gpu"] if override is None else override
+        return settings.cli_flags(TrainConfig, {"device": "cuda" if gpu else self.config["compute"]["device"]})
+
+    # ------------------------------------------------------------------------------------------ prepare
+
+    def source(self, name: str) -> str | None:
+        return self.dataset(name)["prepare"]["source"] or DATASETS[name].default_source
+
+    def prepare_input(self, wildcards: Any) -> dict[str, str]:
+        """A local source is an input (a changed file re-prepares); a URL is fetched by the job."""
+        source = self.source(wildcards.dataset)
+        return {} if source is None or _is_url(source) else {"source": source}
+
+    def prepare_args(self, wildcards: Any) -> str:
+        """The `negmargin prepare` sub-command and its flags: source and checks, then the dataset's options
+        (a null source is left out: the verb then uses the registry's or explains what to download)."""
+        spec = DATASETS[wildcards.dataset]
+        prepare = self.dataset(wildcards.dataset)["prepare"]
+        words = [spec.command, settings.cli_flags(SourceConfig, prepare, "prepare"),
+                 settings.cli_flags(spec.options, prepare["options"], "options")]
+        return " ".join(word for word in words if word)
+
+    # ------------------------------------------------------------------------------------------ train
+
+    def train_args(self, wildcards: Any) -> str:
+        """Every result-affecting flag of `negmargin train` for (dataset, arch), and the compute flags;
+        a change of the former retrains."""
+        hyper = self.dataset(wildcards.dataset)["train"][wildcards.arch]
+        derived = {"val_shots": validation_shots(self.config), "val_ways": self.config["metatest"]["ways"],
+                   "val_queries": self.config["metatest"]["queries"]}
+        compute = {key: self.config["compute"][key] for key in ("amp", "num_workers")}
+        return " ".join([settings.cli_flags(TrainConfig, {**hyper, **derived, **compute}),
+                         self.device_args(wildcards)])
+
+    # ------------------------------------------------------------------------------------------ evaluate
+
+    def novel_features_for(self, wildcards: Any) -> str:
+        """Novel-class features of the checkpoint that serves ``wildcards.shot``."""
+        fields = {**dict(wildcards.items()), "shot": self.selection_shot(wildcards.shot), "split": "novel"}
+        return self.paths.features.format(**fields)
+
+    def analysis_inputs(self, wildcards: Any) -> dict[str, str]:
+        fields = {**dict(wildcards.items()), "shot": self.analysis_shot()}
+        return {
+            "selection": self.paths.selection.format(**fields),
+            "base_features": self.paths.features.format(**fields, split="base_holdout"),
+            "novel_features": self.paths.features.format(**fields, split="novel"),
+        }
+
+    def metatest_args(self, wildcards: Any) -> str:
+        """Episode settings and the fine-tuning of `negmargin metatest` (a null `steps` keeps mmfewshot's
+        150 / 600)."""
+        test = self.config["metatest"]
+        return " ".join([settings.cli_flags(EpisodeConfig, test, "metatest"),
+                         settings.cli_flags(FinetuneConfig, test["finetune"], "finetune")])
+
+    # ------------------------------------------------------------------------------------------ report
+
+    def table_args(self, wildcards: Any) -> str:
+        """--margin and --reference flags of `negmargin table` for one dataset."""
+        block = self.dataset(wildcards.dataset)
+        archs = self.archs(wildcards.dataset)
+        words = []
+        table_margin = block["table_margin"]
+        if isinstance(table_margin, dict):
+            chosen = {float(table_margin[a]) for a in archs}
+            if len(chosen) == 1:
+                words.append(f"--margin={margin_label(chosen.pop())}")
+            else:
+                words += [f"--margin={a}={margin_label(table_margin[a])}" for a in archs]
+        elif table_margin is not None:
+            words.append(f"--margin={margin_label(table_margin)}")
+        references = block["references"]
+        for arch, by_shot in references["accuracy"].items():
+            words += [f"--reference {arch}:{int(shot)}={acc}" for shot, acc in by_shot.items()]
+        if references["accuracy"] and references["source"]:
+            words.append(f"--reference-source {shlex.quote(references['source'])}")
+        return " ".join(words)
+
+    def tsne_features(self, wildcards: Any) -> dict[str, str]:
+        """Novel features of the most negative, the zero (or closest to zero) and the most positive margin of
+        the (dataset, arch) grid, first seed, keyed by margin label."""
+        grid = margins(self.config, wildcards.dataset, wildcards.arch)
+        seed = self.seeds(wildcards.dataset)[0]
+        features = {}
+        for margin in (min(grid), min(grid, key=abs), max(grid)):
+            label = margin_label(margin)
+            features[label] = self.paths.features.format(dataset=wildcards.dataset, arch=wildcards.arch,
+                                                         margin=label, seed=seed, shot=self.analysis_shot(),
+                                                         split="novel")
+        return features
+
+    def tsne_args(self, wildcards: Any, input: Any) -> str:
+        files = " ".join(f"--features={label}={path}" for label, path in input.items())
+        return f"{files} {settings.cli_flags(TsneConfig, self.config['tsne'], 'tsne')}"
