@@ -22,6 +22,19 @@ def test_help_lists_the_verbs():
     assert "--val-every" in negmargin("train", "--help").stdout
 
 
+def test_select_follows_the_first_validation_shot_in_any_order(tiny_omniglot, tmp_path):
+    """metatest.shots [5, 1]: the workflow validates on 5 first; `shared` must serve 1-shot from the 5-shot
+    choice (it used to look for a 1-shot validation), `per-shot` from the 1-shot one."""
+    train = tmp_path / "train"
+    negmargin("train", "--data", tiny_omniglot, "--out", train, "--epochs", 1, "--batch-size", 32, "--val-every", 1,
+              "--val-episodes", 3, "--val-shots", 5, 1, "--warmup-iters", 2, "--device", "cpu")
+    for mode, expected in (("shared", 5), ("per-shot", 1)):
+        out = tmp_path / f"{mode}.json"
+        negmargin("select", "--train-dir", train, "--shot", 1, "--mode", mode, "--out", out)
+        chosen = json.loads(out.read_text())
+        assert chosen["val_shot"] == expected and chosen["checkpoint"].endswith(f"best_{expected}shot.pt"), mode
+
+
 def test_prepare_train_features_metatest(tiny_omniglot, tmp_path):
     run = tmp_path / "run"
     negmargin("train", "--data", tiny_omniglot, "--out", run / "train", "--epochs", 1, "--batch-size", 32,

@@ -51,7 +51,7 @@ FAULT_CONFIG = {
     "metatest": {"episodes": 5, "shots": [1]},
     "datasets": {
         "omniglot": {
-            "prepare": {"options": {"max-classes": 30}},
+            "prepare": {"options": {"max_classes": 30}},
             "margins": [0.0],
             "table_margin": 0.0,
             "train": {"conv4": {"epochs": 2, "batch_size": 32, "lr_steps": [2]}},
@@ -455,8 +455,8 @@ def config_repo(tmp_path_factory) -> Path:
          "datasets.omniglot.archs[0]: 'vgg16' is not one of ['conv4', 'resnet12']"),
         ({"metatest": {"episodes": 0}}, "metatest.episodes: 0 is less than the minimum of 1"),
         ({"metatest": {"episodes": -5}}, "metatest.episodes: -5 is less than the minimum of 1"),
-        ({"metatest": {"ways": 30}, "datasets": {"omniglot": {"prepare": {"options": {"max-classes": 20}}}}},
-         "metatest.ways is 30, but the novel split of omniglot has 20 classes (prepare.options.max-classes 20); "
+        ({"metatest": {"ways": 30}, "datasets": {"omniglot": {"prepare": {"options": {"max_classes": 20}}}}},
+         "metatest.ways is 30, but the novel split of omniglot has 20 classes (prepare.options.max_classes 20); "
          "allowed: 2 to 20"),
         ({"metatest": {"shots": [1, 10], "queries": 15}},
          "metatest.shots 10 + metatest.queries 15 = 25 images per class, but the novel split of omniglot has 20 "

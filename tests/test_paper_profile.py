@@ -31,7 +31,7 @@ def _budget(sources: dict[str, dict]) -> dict:
     datasets = {}
     for name, prepare in sources.items():
         datasets[name] = {
-            "prepare": {**prepare, "options": {"fixture": True, "image-size": 36, "base-holdout": 2}},
+            "prepare": {**prepare, "options": {"fixture": True, "image_size": 36, "base_holdout": 2}},
             "train": {"conv4": dict(train), "resnet12": dict(train)},
         }
     return {

@@ -15,7 +15,6 @@ from negmargin.cli import main
 from negmargin.data.store import load_split
 from negmargin.data.tiered_imagenet import SplitNames, safe_load_pickle
 from negmargin.datasets import DATASETS, prepare
-
 from negmargin.errors import UserError
 
 TIERED_MD5 = DATASETS["tiered_imagenet"].archive.md5

@@ -342,7 +342,7 @@ def _allowed(declared: Field) -> str:
         if bounds:
             text += f" {bounds}"
         if spec.pattern:
-            text += f" (`{spec.pattern}`)"
+            text += " (`" + spec.pattern.replace("|", "\\|") + "`)"
     if declared.is_list:
         text = f"list of {text}" + (f", at least {spec.min_items}" if spec.min_items else "")
     if declared.optional:
@@ -364,8 +364,8 @@ def docs_rows(cls: type, section: str | None | object = ..., prefix: str = "") -
     """Markdown table rows: | key | default | allowed | meaning (CLI flag) |."""
     for declared in fields(cls, section):
         flag = f" (`{declared.flag}`)" if declared.spec.cli else ""
-        yield (f"| `{prefix}{declared.name}` | {_default_text(declared.default)} | {_allowed(declared)} | "
-               f"{declared.spec.help}{flag} |")
+        meaning = declared.spec.help.replace("|", "\\|")
+        yield f"| `{prefix}{declared.name}` | {_default_text(declared.default)} | {_allowed(declared)} | {meaning}{flag} |"
 
 
 DOCS_HEADER = ("| key | default | allowed | meaning (command-line flag) |", "|---|---|---|---|")

@@ -13,6 +13,7 @@ Standard library, PyYAML and jsonschema only: this runs in the Snakemake process
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,7 +85,12 @@ def declared_definitions() -> dict[str, Any]:
 
 
 def load_schema(path: str | Path) -> dict[str, Any]:
-    """The structure in ``path`` with every declared block filled in."""
+    """The structure in ``path`` with every declared block filled in (a fresh copy each call)."""
+    return copy.deepcopy(_load_schema(str(Path(path).resolve())))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_schema(path: str) -> dict[str, Any]:
     import yaml
 
     schema = yaml.safe_load(Path(path).read_text())
@@ -174,6 +180,15 @@ def validate(config: dict[str, Any], schema_path: str | Path, workdir: str | Pat
     problems = list(cross_checks(config, Path(workdir)))
     if problems:
         raise ConfigError(problems)
+
+
+def notices(config: dict[str, Any]) -> Iterator[str]:
+    """What a user should know before the run starts, though nothing is wrong yet."""
+    for name in config["run_datasets"]:
+        spec = DATASETS[name]
+        if config["datasets"][name]["prepare"]["source"] is None and not (spec.archive.url or spec.default_source):
+            yield (f"negmargin workflow: datasets.{name}.prepare.source is not set and {name} has no default "
+                   f"source; its prepare job will stop and say what to download ({spec.how_to_get})")
 
 
 # --------------------------------------------------------------------------------------------- cross-checks
