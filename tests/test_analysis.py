@@ -275,3 +275,15 @@ def test_analyze_head_wider_than_the_base_classes(trained, tmp_path):
     torch.save(ckpt, tmp_path / "unnamed.pt")  # without class names only the count can be checked
     with pytest.raises(UserError, match="5 classes, but the checkpoint's head has only 4"):
         analyze(tmp_path / "unnamed.pt", tmp_path / "five.npz", trained["novel"])
+
+
+def test_the_analyze_verb_refuses_non_finite_features(trained, tmp_path, capsys):
+    bank = dict(np.load(trained["novel"]))
+    bank["features"][7, 0] = np.nan
+    np.savez(tmp_path / "novel_nan.npz", **bank)
+    out = tmp_path / "analysis.json"
+    err = one_line_error(capsys, ["analyze", "--checkpoint", str(trained["checkpoint"]), "--base-features",
+                                  str(trained["base"]), "--novel-features", str(tmp_path / "novel_nan.npz"),
+                                  "--out", str(out)])
+    assert "novel_nan.npz: 1 of 18 feature rows hold NaN or Inf (first: row 7, class 1 (n1))" in err
+    assert not out.exists()

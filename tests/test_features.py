@@ -47,3 +47,26 @@ def test_a_checkpoint_of_another_dataset_is_refused(tiny_omniglot, tmp_path):
     with pytest.raises(UserError, match="trained on cub, but .* is a split of omniglot"):
         features_of_checkpoint(tmp_path / "cub.pt", tiny_omniglot / "novel", tmp_path / "f.npz", device="cpu")
     assert not (tmp_path / "f.npz").exists()
+
+
+def test_the_features_verb_refuses_non_finite_outputs_and_keeps_the_earlier_file(tiny_omniglot, tmp_path, capsys):
+    """A diverged checkpoint (a NaN weight) gives NaN features: one line naming the checkpoint, the first image
+    and the weight; the features written before from a good checkpoint stay as they were."""
+    from cli_helpers import one_line_error
+
+    from negmargin.cli import main
+
+    _checkpoint(tmp_path / "good.pt")
+    out = tmp_path / "novel.npz"
+    argv = ["features", "--split", str(tiny_omniglot / "novel"), "--out", str(out), "--device", "cpu"]
+    assert main(["features", "--checkpoint", str(tmp_path / "good.pt"), *argv[1:]]) == 0
+    earlier = out.read_bytes()
+    state = torch.load(tmp_path / "good.pt", weights_only=True)
+    weight = next(name for name in state["model"] if name.startswith("backbone") and name.endswith("weight"))
+    state["model"][weight].view(-1)[0] = float("nan")
+    torch.save(state, tmp_path / "diverged.pt")
+    capsys.readouterr()
+    err = one_line_error(capsys, ["features", "--checkpoint", str(tmp_path / "diverged.pt"), *argv[1:]])
+    assert "diverged.pt: NaN or Inf features for 240 of 240 images" in err
+    assert f"its weight {weight} holds NaN or Inf" in err
+    assert out.read_bytes() == earlier

@@ -106,3 +106,22 @@ def test_run_metatest_record():
     assert record["accuracy_ci95"] == pytest.approx(ci95(np.array(record["episode_accuracies"])), abs=1e-3)
     assert record == {**run_metatest(features, labels, episodes=30, seed=0), "elapsed_s": record["elapsed_s"]}
     assert FinetuneConfig().for_shots(5).steps == 600
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_the_metatest_verb_refuses_non_finite_features(tmp_path, capsys, bad):
+    """NaN or Inf features used to give an accuracy (argmax of NaN cosines picks class 0) and exit 0."""
+    from cli_helpers import one_line_error
+
+    from negmargin.io import write_npz
+
+    features, labels = _bank(classes=6, per_class=20)
+    order = np.argsort(labels, kind="stable")
+    features, labels = features[order], labels[order]
+    features[45, 3] = bad  # row 45: the third class
+    write_npz(tmp_path / "novel.npz", features=features, labels=labels,
+              class_names=np.array([f"c{k}" for k in range(6)]))
+    err = one_line_error(capsys, ["metatest", "--features", str(tmp_path / "novel.npz"), "--episodes", "10",
+                                  "--out", str(tmp_path / "r.json")])
+    assert "novel.npz: 1 of 120 feature rows hold NaN or Inf (first: row 45, class 2 (c2))" in err
+    assert not (tmp_path / "r.json").exists()

@@ -39,6 +39,25 @@ def extract_features(
     return torch.cat(chunks).numpy() if chunks else np.zeros((0, 0), dtype=np.float32)
 
 
+def _require_finite(features: np.ndarray, model: nn.Module, checkpoint: str | os.PathLike, split: Split,
+                    out: str | os.PathLike) -> None:
+    """Refuse to write features with NaN or Inf: every later step (meta-test, analysis) would turn them into
+    numbers that look like results. Names the first bad image and, where there is one, a non-finite weight."""
+    finite_rows = np.isfinite(features).all(axis=1) if features.size else np.ones(len(features), dtype=bool)
+    if finite_rows.all():
+        return
+    bad = np.flatnonzero(~finite_rows)
+    first = int(bad[0])
+    image = split.image_ids[first] if split.image_ids else f"image {first}"
+    broken = next((name for name, tensor in model.state_dict().items()
+                   if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())), None)
+    cause = f"its weight {broken} holds NaN or Inf (training diverged?)" if broken else "check its training log"
+    raise UserError(
+        f"{checkpoint}: NaN or Inf features for {len(bad)} of {len(features)} images of {split.path} (first: "
+        f"{image}); {cause}; {out} not written - select or train another checkpoint"
+    )
+
+
 def features_of_checkpoint(
     checkpoint: str | os.PathLike,
     split_dir: str | os.PathLike,
@@ -64,6 +83,7 @@ def features_of_checkpoint(
     channels_last = bool(ckpt.get("config", {}).get("channels_last", True))
     model.backbone.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     features = extract_features(model.backbone, split, spec.image_size, torch_device, batch_size, channels_last)
+    _require_finite(features, model, checkpoint, split, out)
     write_npz(
         out,
         features=features.astype(np.float32),

@@ -152,9 +152,30 @@ def load_features(path: str | os.PathLike, require_class_names: bool = True) -> 
         raise UserError(f"{path}: labels must be integers, got {labels.dtype}")
     if len(labels) and labels.min() < 0:
         raise UserError(f"{path}: labels must be >= 0")
+    if len(labels) and "class_names" in arrays and labels.max() >= len(arrays["class_names"]):
+        raise UserError(f"{path}: labels outside 0..{len(arrays['class_names']) - 1} (the class_names)")
     result = {"features": features.astype(np.float32, copy=False), "labels": labels.astype(np.int64, copy=False)}
     if "class_names" in arrays:
-        if len(labels) and labels.max() >= len(arrays["class_names"]):
-            raise UserError(f"{path}: labels outside 0..{len(arrays['class_names']) - 1} (the class_names)")
         result["class_names"] = arrays["class_names"].astype(str)
+    _require_finite(path, result)
     return result
+
+
+def _require_finite(path: Path, bank: dict[str, Any]) -> None:
+    """A NaN or Inf feature turns every cosine it enters into NaN, and argmax then picks class 0: the
+    meta-test would print an accuracy that means nothing. Refuse the file instead, naming the first bad row."""
+    import numpy as np
+
+    from negmargin.errors import UserError
+
+    finite_rows = np.isfinite(bank["features"]).all(axis=1)
+    if finite_rows.all():
+        return
+    bad = np.flatnonzero(~finite_rows)
+    first = int(bad[0])
+    label = int(bank["labels"][first])
+    name = f" ({bank['class_names'][label]})" if "class_names" in bank else ""
+    raise UserError(
+        f"{path}: {len(bad)} of {len(finite_rows)} feature rows hold NaN or Inf (first: row {first}, class "
+        f"{label}{name}); extract the features again from a checkpoint whose training did not diverge"
+    )
