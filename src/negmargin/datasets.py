@@ -192,4 +192,6 @@ def prepare(name: str, source: Any, out: Any, **values: Any) -> dict:
     source_config = SourceConfig.from_mapping({k: v for k, v in values.items() if k in source_keys},
                                               source=None if source is None else os.fspath(source))
     options = spec.options.from_mapping({k: v for k, v in values.items() if k in option_keys})
-    return spec.load_prepare()(out, source_config, options)
+    from negmargin.data.staging import prepare_replacing
+
+    return prepare_replacing(spec.load_prepare(), out, source_config, options)

@@ -16,7 +16,10 @@ _FETCH = ("md5", "sha256", "size", "mirrors", "retries", "backoff", "timeout", "
 def _prepare(spec: DatasetSpec, args: argparse.Namespace) -> None:
     source = settings.from_namespace(SourceConfig, args)
     options = settings.from_namespace(spec.options, args)
-    summary = spec.load_prepare()(args.out, source, options)
+    from negmargin.data.staging import prepare_replacing
+
+    # Into a staging folder first: a failed re-run leaves the earlier preparation as it was.
+    summary = prepare_replacing(spec.load_prepare(), args.out, source, options)
     for split, counts in summary["splits"].items():
         print(f"{split}: {counts['classes']} classes, {counts['images']} images")
     if source.skip_bad_images:
