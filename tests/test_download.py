@@ -194,3 +194,29 @@ def test_cli_download(server, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("negmargin download: error:") and "HTTP 404" in err[-1] and bad in err[-1]
     assert "Traceback" not in "\n".join(err)
+
+
+def test_a_failed_re_download_puts_the_earlier_file_back_byte_for_byte(server, tmp_path, capsys):
+    """A file that does not verify (here: one put there by hand) is moved aside, not deleted, and is back
+    under its name, unchanged, when the new download fails."""
+    out = tmp_path / "data.bin"
+    by_hand = b"a newer release, placed by hand" * 1000
+    out.write_bytes(by_hand)
+    broken = server.add("/broken.bin", DATA, mode="500")
+    assert main(["download", "--url", broken, "--md5", MD5, "--out", str(out), "--retries", "1",
+                 "--backoff", "0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "moved to data.bin.unverified while a new copy downloads" in err
+    assert "earlier file is back in place, unchanged" in err
+    assert err.strip().splitlines()[-1].startswith("negmargin download: error:") and "HTTP 500" in err
+    assert out.read_bytes() == by_hand
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.bin"]
+
+
+def test_a_file_set_aside_by_a_killed_run_is_put_back_then_replaced_once_a_new_one_verifies(server, tmp_path):
+    out = tmp_path / "data.bin"
+    (tmp_path / "data.bin.unverified").write_bytes(b"stale")  # a run killed while the file was aside
+    url = server.add("/data.bin", DATA)
+    assert main(["download", "--url", url, "--md5", MD5, "--out", str(out), "--backoff", "0.01"]) == 0
+    assert out.read_bytes() == DATA
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.bin"]  # the verified file, nothing aside

@@ -264,15 +264,49 @@ def _download(
         return path, verify_file(path, md5, sha256, size)
 
     out = Path(out)
-    part = out.with_name(out.name + ".part")
+    aside = set_aside_path(out)
+    if aside.is_file() and not out.exists():  # a run killed while the file was aside: put it back first
+        os.replace(aside, out)
     if out.is_file():
         try:
             return out, verify_file(out, md5, sha256, size)
         except UserError as exc:
-            print(f"{out}: existing file does not verify ({exc}); downloading again", file=sys.stderr)
-            out.unlink()
+            # Maybe a file the user put there by hand: kept aside, not deleted, until a new one verifies.
+            os.replace(out, aside)
+            print(f"{out}: existing file does not verify ({exc}); moved to {aside.name} while a new copy "
+                  "downloads, and put back if that fails", file=sys.stderr, flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        digests = _download_sources(url, out, md5, sha256, size, mirrors, retries, backoff, timeout,
+                                    progress_interval)
+    except BaseException:
+        if aside.is_file() and not out.exists():
+            os.replace(aside, out)
+            print(f"{out}: the earlier file is back in place, unchanged", file=sys.stderr, flush=True)
+        raise
+    aside.unlink(missing_ok=True)
+    return out, digests
 
+
+def set_aside_path(out: Path) -> Path:
+    """Where an existing ``out`` that does not verify waits while a new copy downloads."""
+    return out.with_name(out.name + ".unverified")
+
+
+def _download_sources(
+    url: str,
+    out: Path,
+    md5: str | None,
+    sha256: str | None,
+    size: int | None,
+    mirrors: Sequence[str],
+    retries: int,
+    backoff: float,
+    timeout: float,
+    progress_interval: float,
+) -> Digests:
+    """Fetch ``url`` (then each mirror) into ``<out>.part`` and rename it onto ``out`` once it verifies."""
+    part = out.with_name(out.name + ".part")
     failures: list[str] = []
     for source in (url, *mirrors):
         if not is_url(source):
@@ -297,7 +331,7 @@ def _download(
             failures.append(str(exc))
             continue
         os.replace(part, out)
-        return out, digests
+        return digests
 
     raise UserError(
         "; ".join(failures)
@@ -327,7 +361,9 @@ def download(
     * ``retries``: further attempts per source after a transient failure, waiting ``backoff * 2**(k-1)``
       seconds (at most 60) before the k-th retry. An attempt that received bytes does not count and is
       resumed at once.
-    * If ``out`` already exists and verifies, nothing is downloaded.
+    * If ``out`` already exists and verifies, nothing is downloaded. If it does not verify, it is moved to
+      ``<out>.unverified`` (not deleted: it may be a file put there by hand), put back unchanged if the
+      download fails, and deleted once the new file has verified.
     * If ``url`` is a local path (or ``file://``), that file is verified and its path returned; ``out``
       is not written.
     """
