@@ -186,3 +186,50 @@ def test_cli_prepare_cub(cub_tgz, tmp_path, capsys):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
     assert result.stderr.startswith("negmargin prepare: error:") and "nowhere.tgz" in result.stderr
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on: connecting is refused at once, as with no route."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def announced_waits(stderr: str) -> float:
+    """The seconds of back-off the download announced ('retrying in 0.5s')."""
+    import re
+
+    return sum(float(seconds) for seconds in re.findall(r"retrying in ([0-9.]+)s", stderr))
+
+
+def test_offline_prepare_fails_fast_with_where_to_put_the_archive(cub_tgz, tmp_path):
+    """Neither URL is reachable (a closed port; a host whose name does not resolve), with the default retries:
+    the failure comes within seconds, in one line that says where the archive goes by hand; put there, it is
+    used without a network. It used to take two minutes of silent retries (5 per URL, 2 to 32 s apart)."""
+    import time
+
+    raw = tmp_path / "raw"
+    argv = [sys.executable, "-m", "negmargin", "prepare", "cub", "--source",
+            f"http://127.0.0.1:{closed_port()}/records/x/files/CUB_200_2011.tgz?download=1",
+            "--mirrors", "http://cub.invalid/CUB-200-2011/CUB_200_2011.tgz", "--raw-dir", str(raw),
+            "--out", str(tmp_path / "cub"), "--fixture", "--image-size", "8", "--base-holdout", "1"]
+    started = time.monotonic()
+    result = subprocess.run(argv, capture_output=True, text=True)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("negmargin prepare: error: cannot download CUB_200_2011.tgz for cub; without a "
+                           "network here, download http://127.0.0.1:")
+    assert f"and put it at {raw / 'CUB_200_2011.tgz'}, or set datasets.cub.prepare.source (--source)" in last
+    assert "cub.invalid" in last and "gave up after 5 attempts" in last
+    assert announced_waits(result.stderr) <= 2 * 7.5  # 0.5 + 1 + 2 + 4 s per URL
+    assert elapsed < 30, f"took {elapsed:.1f} s"
+    assert not (tmp_path / "cub").exists()
+
+    # Done as the line says: the archive put there by hand is used, still without a network.
+    raw.mkdir(exist_ok=True)
+    (raw / "CUB_200_2011.tgz").write_bytes(cub_tgz[0].read_bytes())
+    subprocess.run(argv, capture_output=True, text=True, check=True)
+    assert load_split(tmp_path / "cub" / "novel").class_names == _names(NOVEL_IDS)

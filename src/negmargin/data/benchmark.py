@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from negmargin.data.download import Digests, fetch_source, is_url, local_path
+from negmargin.data.download import Digests, DownloadFailed, fetch_source, is_url, local_path
 from negmargin.data.store import SplitWriter
 from negmargin.datasets import DATASETS, SPLITS
 from negmargin.errors import UserError
@@ -242,9 +242,21 @@ def obtain(dataset: str, source: SourceConfig, fixture: bool) -> tuple[str, Path
     is_folder = not is_url(location) and local_path(location).is_dir()
     if not (fixture or checks_given or is_folder):
         md5, size = spec.archive.md5, spec.archive.size
-    path, digests = fetch_source(location, source.raw_dir, md5=md5, sha256=sha256, size=size, mirrors=mirrors,
-                                 retries=source.retries, backoff=source.backoff, timeout=source.timeout)
+    try:
+        path, digests = fetch_source(location, source.raw_dir, md5=md5, sha256=sha256, size=size,
+                                     mirrors=mirrors, retries=source.retries, backoff=source.backoff,
+                                     timeout=source.timeout)
+    except DownloadFailed as exc:
+        raise UserError(by_hand_hint(dataset, exc.out, str(location), md5, size) + f"; {exc}") from None
     return str(location), path, digests
+
+
+def by_hand_hint(dataset: str, out: Path, url: str, md5: str | None, size: int | None) -> str:
+    """What to do when the download cannot happen here (no network, a blocked host): where the file goes."""
+    checks = ", ".join(part for part in (f"md5 {md5}" if md5 else "", f"{size:,} bytes" if size else "") if part)
+    return (f"cannot download {out.name} for {dataset}; without a network here, download {url} elsewhere"
+            f"{f' ({checks})' if checks else ''} and put it at {out}, or set datasets.{dataset}.prepare.source "
+            f"(--source) to its path, then run again")
 
 
 def source_summary(source: str | os.PathLike, path: Path, digests) -> dict[str, Any]:

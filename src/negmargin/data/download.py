@@ -27,6 +27,7 @@ from pathlib import Path
 
 from negmargin import __version__
 from negmargin.errors import UserError
+from negmargin.options import SourceConfig
 from negmargin.runtime import Progress
 
 CHUNK = 1 << 20
@@ -117,6 +118,15 @@ def verify_file(
 
 
 # ----------------------------------------------------------------------------------------------- download
+
+
+class DownloadFailed(UserError):
+    """Every source failed; ``out`` is where the verified file would have gone (a file put there by hand and
+    verifying is used by the next run)."""
+
+    def __init__(self, message: str, out: Path) -> None:
+        super().__init__(message)
+        self.out = out
 
 
 class _Transient(Exception):
@@ -232,11 +242,8 @@ def _download_from(
             if attempt > retries:
                 raise _Transient(f"{exc} (gave up after {retries + 1} attempts)") from None
             delay = min(backoff * 2 ** (attempt - 1), 60.0) if attempt else 0.0
-            print(
-                f"{url}: {exc}; retrying in {delay:.1f}s (resuming at {after} bytes)",
-                file=sys.stderr,
-                flush=True,
-            )
+            resuming = f" (resuming at {after} bytes)" if after else ""
+            print(f"{url}: {exc}; retrying in {delay:.1f}s{resuming}", file=sys.stderr, flush=True)
             time.sleep(delay)
 
 
@@ -247,9 +254,9 @@ def _download(
     sha256: str | None = None,
     size: int | None = None,
     mirrors: Sequence[str] = (),
-    retries: int = 5,
-    backoff: float = 2.0,
-    timeout: float = 60.0,
+    retries: int = SourceConfig.retries,
+    backoff: float = SourceConfig.backoff,
+    timeout: float = SourceConfig.timeout,
     progress_interval: float = 30.0,
 ) -> tuple[Path, Digests]:
     """As :func:`download`, also returning the measured digests."""
@@ -333,10 +340,11 @@ def _download_sources(
         os.replace(part, out)
         return digests
 
-    raise UserError(
+    raise DownloadFailed(
         "; ".join(failures)
         if len(failures) == 1
-        else f"download of {out.name} failed from every source: " + "; ".join(failures)
+        else f"download of {out.name} failed from every source: " + "; ".join(failures),
+        out,
     )
 
 
@@ -347,9 +355,9 @@ def download(
     sha256: str | None = None,
     size: int | None = None,
     mirrors: Sequence[str] = (),
-    retries: int = 5,
-    backoff: float = 2.0,
-    timeout: float = 60.0,
+    retries: int = SourceConfig.retries,
+    backoff: float = SourceConfig.backoff,
+    timeout: float = SourceConfig.timeout,
     progress_interval: float = 30.0,
 ) -> Path:
     """Download ``url`` to ``out``, verified; returns the path of the verified file.
@@ -389,9 +397,9 @@ def fetch_source(
     sha256: str | None = None,
     size: int | None = None,
     mirrors: Sequence[str] = (),
-    retries: int = 5,
-    backoff: float = 2.0,
-    timeout: float = 60.0,
+    retries: int = SourceConfig.retries,
+    backoff: float = SourceConfig.backoff,
+    timeout: float = SourceConfig.timeout,
 ) -> tuple[Path, Digests | None]:
     """Resolve a dataset source to a local path: a URL is downloaded into ``raw_dir`` first.
 
