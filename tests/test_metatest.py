@@ -125,3 +125,36 @@ def test_the_metatest_verb_refuses_non_finite_features(tmp_path, capsys, bad):
                                   "--out", str(tmp_path / "r.json")])
     assert "novel.npz: 1 of 120 feature rows hold NaN or Inf (first: row 45, class 2 (c2))" in err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_the_metatest_verb_names_the_classes_it_leaves_out_and_why(tmp_path, capsys):
+    """Classes with fewer than shots + queries images cannot be drawn: the result JSON lists them (label, name,
+    images, why) and a warning says so; they used to disappear without a word."""
+    import json
+
+    from negmargin.cli import main
+    from negmargin.io import write_npz
+
+    features, labels = _bank(classes=7, per_class=20)
+    keep = (labels != 6) | (np.cumsum(labels == 6) <= 10)  # class 6 keeps 10 of its 20 images
+    names = np.array([f"c{k}" for k in range(8)])  # class 7 has a name but no image at all
+    write_npz(tmp_path / "novel.npz", features=features[keep], labels=labels[keep], class_names=names)
+    out = tmp_path / "r.json"
+    assert main(["metatest", "--features", str(tmp_path / "novel.npz"), "--shots", "1", "--queries", "15",
+                 "--episodes", "20", "--out", str(out)]) == 0
+    warning = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warning == ["negmargin metatest: warning: 2 of 8 classes have fewer than 1 shots + 15 queries = 16 "
+                       "images and are left out of every episode (images in brackets): c6 (10), c7 (0); the result "
+                       "JSON lists them under excluded_classes"]
+    record = json.loads(out.read_text())
+    assert record["classes_total"] == 8 and record["classes_used"] == 6
+    assert record["excluded_classes"] == [
+        {"label": 6, "name": "c6", "images": 10, "reason": "10 images, fewer than 1 shots + 15 queries = 16"},
+        {"label": 7, "name": "c7", "images": 0, "reason": "0 images, fewer than 1 shots + 15 queries = 16"},
+    ]
+    # Nothing left out (every named class has 1 + 9 images or more): no warning, an empty list.
+    write_npz(tmp_path / "seven.npz", features=features[keep], labels=labels[keep], class_names=names[:7])
+    assert main(["metatest", "--features", str(tmp_path / "seven.npz"), "--shots", "1", "--queries", "9",
+                 "--episodes", "5", "--out", str(out)]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert json.loads(out.read_text())["excluded_classes"] == []

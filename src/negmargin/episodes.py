@@ -48,6 +48,16 @@ class Episodes:
         return digest.hexdigest()
 
 
+def short_classes(labels: np.ndarray, per_class: int, num_classes: int | None = None) -> list[tuple[int, int]]:
+    """``(label, images)`` of every class with fewer than ``per_class`` images, in label order: no episode can
+    draw such a class. ``num_classes`` (from the class names) also brings in classes without any image."""
+    labels = np.asarray(labels, dtype=np.int64)
+    length = max(int(labels.max()) + 1 if len(labels) else 0, num_classes or 0)
+    counts = np.bincount(labels, minlength=length)
+    present = np.arange(length) if num_classes is not None else np.unique(labels)
+    return [(int(label), int(counts[label])) for label in present if counts[label] < per_class]
+
+
 def _streams(seed: int) -> tuple[np.random.Generator, np.random.Generator, np.random.Generator]:
     children = np.random.SeedSequence(seed).spawn(3)
     return tuple(np.random.Generator(np.random.PCG64(child)) for child in children)  # type: ignore[return-value]

@@ -23,12 +23,13 @@ This is exact (up to rounding), not an approximation. Costed in flops, the D-dim
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from negmargin.episodes import Episodes, batch_schedule, initial_head_weights, sample_episodes
+from negmargin.episodes import Episodes, batch_schedule, initial_head_weights, sample_episodes, short_classes
 from negmargin.options import FinetuneConfig
 from negmargin.stats import ci95
 
@@ -120,10 +121,21 @@ def run_metatest(
     episodes: int = 2000,
     seed: int = 0,
     config: FinetuneConfig | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> dict:
-    """Sample the episodes, fine-tune and score them; returns the result record (accuracies in %)."""
+    """Sample the episodes, fine-tune and score them; returns the result record (accuracies in %).
+
+    A class with fewer than ``shots + queries`` images cannot be drawn into an episode: the record lists such
+    classes under ``excluded_classes`` (label, name where ``class_names`` are given, images, why)."""
     config = (config or FinetuneConfig()).for_shots(shots)
     started = time.perf_counter()
+    per_class = shots + queries
+    excluded = [
+        {"label": label, "name": str(class_names[label]) if class_names is not None else None, "images": images,
+         "reason": f"{images} images, fewer than {shots} shots + {queries} queries = {per_class}"}
+        for label, images in short_classes(labels, per_class, None if class_names is None else len(class_names))
+    ]
+    classes_total = len(class_names) if class_names is not None else len(np.unique(labels))
     sampled = sample_episodes(labels, ways, shots, queries, episodes, seed)
     accuracies = finetune_and_predict(torch.from_numpy(np.ascontiguousarray(features)), sampled, config)
     return {
@@ -139,6 +151,9 @@ def run_metatest(
         "episodes_sha256": sampled.digest(),
         "num_features": int(features.shape[0]),
         "feature_dim": int(features.shape[1]),
+        "classes_total": int(classes_total),
+        "classes_used": int(classes_total - len(excluded)),
+        "excluded_classes": excluded,
         "elapsed_s": round(time.perf_counter() - started, 3),
         "episode_accuracies": [round(float(a), 4) for a in accuracies],
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from negmargin import settings
@@ -32,13 +33,26 @@ def _metatest(args: argparse.Namespace) -> None:
     path = Path(args.features)
     bank = load_features(path, require_class_names=False)
     record = run_metatest(bank["features"], bank["labels"], episodes.ways, episodes.shots, episodes.queries,
-                          episodes.episodes, episodes.episodes_seed, finetune)
+                          episodes.episodes, episodes.episodes_seed, finetune, bank.get("class_names"))
+    if record["excluded_classes"]:
+        print(f"negmargin metatest: warning: {exclusion_note(record)}", file=sys.stderr, flush=True)
     episode_accuracies = record.pop("episode_accuracies")
     record = {**record, "features": str(path), "features_sha256": sha256_file(path),
               "episode_accuracies": episode_accuracies}
     write_json(args.out, record)
     print(f"{episodes.ways}-way {episodes.shots}-shot, {episodes.episodes} episodes: "
           f"{record['accuracy_mean']:.2f} ± {record['accuracy_ci95']:.2f} -> {args.out}")
+
+
+def exclusion_note(record: dict) -> str:
+    """One line: which classes the episodes could not draw, and why."""
+    excluded = record["excluded_classes"]
+    shown = ", ".join(f"{item['name'] if item['name'] is not None else item['label']} ({item['images']})"
+                      for item in excluded[:10])
+    more = f" and {len(excluded) - 10} more" if len(excluded) > 10 else ""
+    return (f"{len(excluded)} of {record['classes_total']} classes have fewer than {record['shots']} shots + "
+            f"{record['queries']} queries = {record['shots'] + record['queries']} images and are left out of every "
+            f"episode (images in brackets): {shown}{more}; the result JSON lists them under excluded_classes")
 
 
 def _analyze(args: argparse.Namespace) -> None:
