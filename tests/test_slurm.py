@@ -1,5 +1,5 @@
 """The workflow on a real Slurm cluster: Debian's slurm-wlm on this machine, one node, brought up and torn
-down by tools/local-slurm.sh, driven by Snakemake's Slurm executor plugin with workflow/profiles/slurm.
+down by tools/local-slurm.sh, driven by Snakemake's Slurm executor plugin with profiles/slurm.
 
 1. The tiny configuration (.test/config.yaml) end to end: every job that is not a localrule runs as a
    Slurm job (its id is in Slurm's own records and in its log), and every number equals the local run's
@@ -72,14 +72,14 @@ def cluster(tmp_path_factory):
 
 
 def slurm_snakemake(*args: str, cwd: Path, limit: int = 1200) -> subprocess.Popen:
-    """`snakemake --executor slurm --profile workflow/profiles/slurm`, with what this cluster needs on top:
+    """`snakemake --executor slurm --workflow-profile profiles/slurm`, with what this cluster needs on top:
     its partition, squeue as status command (no accounting daemon) and short polling. `timeout` bounds it:
     a Snakemake waiting for a job it lost track of ignores SIGTERM."""
     command = [
         "timeout", "-k", "10", str(limit),
         sys.executable, "-m", "snakemake",
         "--executor", "slurm",
-        "--profile", "workflow/profiles/slurm",
+        "--workflow-profile", "profiles/slurm",
         "--default-resources", f"slurm_partition={PARTITION}",
         "--slurm-status-command", "squeue",
         "--slurm-init-seconds-before-status-checks", "2",

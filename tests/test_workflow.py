@@ -70,6 +70,63 @@ def test_snakefmt_check():
 # ---------------------------------------------------------------------------------------------- dry runs
 
 
+# --------------------------------------------------------------------------------- the workflow profile
+
+
+@pytest.mark.slow
+def test_the_default_profile_is_loaded_and_a_failed_jobs_log_reaches_the_console(tmp_path):
+    """`snakemake --cores all`, exactly as the README types it, in a copy whose Omniglot archive is damaged:
+    Snakemake reads profiles/default by itself, and its show-failed-logs prints the failed job's log - the
+    verb's one-line error - on the console instead of leaving it in logs/."""
+    repo = copy_workflow(tmp_path / "repo")
+    (repo / "resources" / "omniglot" / "omniglot_105.npz").write_bytes(b"not the Omniglot archive")
+    result = subprocess.run(["snakemake", "--cores", "all"], cwd=repo, env=job_env(), capture_output=True,
+                            text=True, timeout=600)
+    console = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "Using workflow specific profile profiles/default for setting default command line arguments" in console
+    assert re.search(r"negmargin prepare: error: resources/omniglot/omniglot_105\.npz: sha256 is [0-9a-f]{64}, "
+                     r"expected 5e8688706581db95", console), console[-3000:]
+
+
+@pytest.mark.slow
+def test_what_to_download_for_mini_imagenet_reaches_the_console(dry_copy):
+    """The guidance for a missing ImageNet source used to sit in logs/prepare/mini_imagenet.log only."""
+    result = snakemake("--cores", "1", "--configfile=config/paper.yaml", "data/mini_imagenet/prepared.json",
+                       cwd=dry_copy, check=False)
+    assert result.returncode != 0
+    assert "negmargin prepare: error: no mini-ImageNet source configured (datasets.mini_imagenet.prepare.source)" \
+        in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_offline_cub_preparation_under_snakemake_fails_fast_and_says_where_the_archive_goes(dry_copy, tmp_path):
+    """As `negmargin prepare cub` offline (tests/test_prepare_cub.py), through the rule: the default retries
+    wait 7.5 s per URL in all, and the console shows the line that says where to put the archive by hand."""
+    import socket
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed once the block ends: a refused connection, as with no route
+    overlay = tmp_path / "offline.yaml"
+    overlay.write_text(yaml.safe_dump({"run_datasets": ["cub"], "datasets": {"cub": {"prepare": {
+        "source": f"http://127.0.0.1:{port}/records/x/files/CUB_200_2011.tgz?download=1",
+        "mirrors": ["http://cub.invalid/CUB-200-2011/CUB_200_2011.tgz"], "options": {"fixture": True}}}}}))
+    started = time.monotonic()
+    result = snakemake("data/cub/prepared.json", "--cores", "1", "--configfile", "config/paper.yaml",
+                       str(overlay), cwd=dry_copy, check=False)
+    elapsed = time.monotonic() - started
+    console = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert ("negmargin prepare: error: cannot download CUB_200_2011.tgz for cub; without a network here, download "
+            f"http://127.0.0.1:{port}/") in console
+    assert "put it at data/raw/CUB_200_2011.tgz, or set datasets.cub.prepare.source (--source)" in console
+    waits = sum(float(s) for s in re.findall(r"retrying in ([0-9.]+)s", console))
+    assert waits <= 2 * 7.5, waits
+    print(f"offline CUB under Snakemake: failed after {elapsed:.1f} s (Snakemake start included)")
+
+
 def test_dry_run_of_the_default_config(dry_copy):
     result = snakemake("-n", cwd=dry_copy)
     config = merged_config(dry_copy / "config" / "config.yaml")

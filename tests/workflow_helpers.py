@@ -13,7 +13,8 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-WORKFLOW_FILES = ["Snakefile", "workflow", "config", ".test", "envs", "dvc.yaml", "data.dvc", ".dvcignore"]
+WORKFLOW_FILES = ["Snakefile", "workflow", "profiles", "config", ".test", "envs", "dvc.yaml", "data.dvc",
+                  ".dvcignore"]
 
 
 def job_env() -> dict[str, str]:
