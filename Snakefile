@@ -8,6 +8,10 @@ min_version("8.20")
 configfile: "config/config.yaml"
 
 
+# The landing page of `snakemake --report`: the pipeline, what ran, and the configuration it ran with.
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/filestate.smk"
 include: "workflow/rules/data.smk"

@@ -90,3 +90,18 @@ def test_bad_features_file_and_wrong_arch(tiny_omniglot, tmp_path):
                        "--out", tmp_path / "f2.npz", check=False)
     assert result.returncode == 2 and "weights do not fit a resnet12 model" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "f2.npz").exists()
+
+
+def test_no_help_text_shows_an_escaped_percent_sign(capsys):
+    """argparse %-formats option help, so a help text must say "95%" through "95%%": every verb's --help (and
+    every `prepare` sub-command's) must print a plain "%", never "%%"."""
+    from negmargin.cli import build_parser
+    from negmargin.datasets import DATASETS
+
+    verbs = [action for action in build_parser()._subparsers._group_actions[0].choices]
+    commands = [[verb] for verb in verbs if verb != "prepare"] + [["prepare", s.command] for s in DATASETS.values()]
+    for command in commands:
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*command, "--help"])
+        text = capsys.readouterr().out
+        assert "usage:" in text and "%%" not in text, command

@@ -75,7 +75,6 @@ def test_snakefmt_check():
 # --------------------------------------------------------------------------------- the workflow profile
 
 
-@pytest.mark.slow
 def test_the_default_profile_is_loaded_and_a_failed_jobs_log_reaches_the_console(tmp_path):
     """`snakemake --cores all`, exactly as the README types it, in a copy whose Omniglot archive is damaged:
     Snakemake reads profiles/default by itself, and its show-failed-logs prints the failed job's log - the
@@ -91,7 +90,6 @@ def test_the_default_profile_is_loaded_and_a_failed_jobs_log_reaches_the_console
                      r"expected 5e8688706581db95", console), console[-3000:]
 
 
-@pytest.mark.slow
 def test_what_to_download_for_mini_imagenet_reaches_the_console(dry_copy):
     """The guidance for a missing ImageNet source used to sit in logs/prepare/mini_imagenet.log only."""
     result = snakemake("--cores", "1", "--configfile=config/paper.yaml", "data/mini_imagenet/prepared.json",
@@ -101,7 +99,6 @@ def test_what_to_download_for_mini_imagenet_reaches_the_console(dry_copy):
         in result.stdout + result.stderr
 
 
-@pytest.mark.slow
 def test_offline_cub_preparation_under_snakemake_fails_fast_and_says_where_the_archive_goes(dry_copy, tmp_path):
     """As `negmargin prepare cub` offline (tests/test_prepare_cub.py), through the rule: the default retries
     wait 7.5 s per URL in all, and the console shows the line that says where to put the archive by hand."""
@@ -127,6 +124,21 @@ def test_offline_cub_preparation_under_snakemake_fails_fast_and_says_where_the_a
     waits = sum(float(s) for s in re.findall(r"retrying in ([0-9.]+)s", console))
     assert waits <= 2 * 7.5, waits
     print(f"offline CUB under Snakemake: failed after {elapsed:.1f} s (Snakemake start included)")
+
+
+def test_the_reports_landing_page_says_what_ran_and_with_which_config(tmp_path):
+    """`snakemake --report`'s first page: the workflow, the grid that ran, and the merged configuration. A
+    report of the prepare step alone is enough to render it (the landing page used to be empty)."""
+    repo = copy_workflow(tmp_path / "repo")
+    snakemake("--cores", "1", "--configfile=.test/config.yaml", "data/omniglot/prepared.json", cwd=repo)
+    snakemake("--report", "report.html", "--configfile=.test/config.yaml", "data/omniglot/prepared.json",
+              cwd=repo)
+    page = (repo / "report.html").read_text()
+    assert "Negative Margin Matters, reproduced" in page and "What was run" in page
+    assert "<strong>omniglot</strong>: backbones conv4; margins -0.2, 0.0, 0.2; training seeds 0; epochs conv4 1" \
+        in page
+    assert "5-way episodes with 1 and 5\\nshot(s) and 15 queries per class, 20 episodes" in page
+    assert "With which configuration" in page and "&quot;max_classes&quot;: 100" in page
 
 
 def test_dry_run_of_the_default_config(dry_copy):
