@@ -20,9 +20,11 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_readme_links_exist():
-    readme = (REPO / "README.md").read_text()
-    for target in re.findall(r"\]\(((?:docs|results|src|resources)/[^)#]+)\)", readme):
-        assert (REPO / target).exists(), target
+    """Every relative link of the README and of the files it sends users to (a moved file breaks it)."""
+    for document in ("README.md", "CONTRIBUTING.md", "CHANGELOG.md"):
+        text = (REPO / document).read_text()
+        for target in re.findall(r"\]\(([^)#:\s]+)(?:#[^)]*)?\)", text):
+            assert (REPO / target).exists(), (document, target)
 
 
 def test_readme_results_table_is_the_pipeline_summary():
@@ -32,3 +34,29 @@ def test_readme_results_table_is_the_pipeline_summary():
     summary = (REPO / "results" / "summary.md").read_text()
     assert block.splitlines()[0].startswith("| margin")
     assert block in summary
+
+
+def test_readme_cost_table_is_the_benchmarks():
+    """The paper-profile cost table is bench/bench_paper_cells.py's output, not typed in by hand."""
+    import json
+
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("<!-- paper-cells:start -->")[1].split("<!-- paper-cells:end -->")[0].strip()
+    bench = json.loads((REPO / "bench" / "results" / "paper_cells.json").read_text())
+    assert block == bench["markdown"].strip()
+    assert [(c["dataset"], c["arch"]) for c in bench["cells"]] == [
+        (d, a) for d in ("cub", "mini_imagenet", "tiered_imagenet") for a in ("conv4", "resnet12")]
+
+
+def test_citation_file_cites_the_paper_as_the_readme_does():
+    """CITATION.cff's preferred citation is the README's BibTeX entry: same title, authors in order, year."""
+    import yaml
+
+    readme = (REPO / "README.md").read_text()
+    bibtex = re.search(r"```bibtex\n(.*?)```", readme, flags=re.S).group(1)
+    fields = dict(re.findall(r"(\w+)\s*=\s*\{(.*)\},?\n", bibtex))
+    cited = yaml.safe_load((REPO / "CITATION.cff").read_text())
+    assert cited["cff-version"] == "1.2.0" and cited["license"] == "MIT"
+    paper = cited["preferred-citation"]
+    assert paper["title"] == fields["title"] and str(paper["year"]) == fields["year"]
+    assert [f"{a['family-names']}, {a['given-names']}" for a in paper["authors"]] == fields["author"].split(" and ")
