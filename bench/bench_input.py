@@ -4,7 +4,10 @@ Same images for both: random uint8 96x96 RGB images stored NHWC as the prepared 
 (the loader's ``permute``), batches of 64, output 84x84. The per-image side is the loader's current path
 (``build_transform("imagenet84", train=True)`` image by image, then ``torch.stack``); the batched side is
 ``negmargin.data.augment.BatchAugment`` with each crop/resize method. Rounds alternate between the
-implementations and the median round counts, so a drift of the machine's speed hits all of them alike.
+implementations and the median round counts, so a drift of the machine's speed hits all of them alike;
+on the CPU the rounds are timed twice, by the wall clock (the figures reported) and by the process's CPU
+time (``cpu_time_ratio``, which leaves out waiting for a core on a shared machine). The load average at
+the end of each thread count is recorded.
 
 Also recorded: the sampling-grid cost (``affine_grid`` against the broadcast grid the module builds), and
 how far the batched resize is from torchvision's antialiased one given the same crops (mean absolute
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -50,7 +54,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_rounds(runs: dict[str, callable], rounds: int, device: torch.device) -> dict[str, float]:
+def time_rounds(runs: dict[str, callable], rounds: int, device: torch.device,
+                clock=time.perf_counter) -> dict[str, float]:
     """Median seconds per round of each run; the runs alternate within a round."""
     seconds: dict[str, list[float]] = {name: [] for name in runs}
     for run in runs.values():  # warm-up
@@ -58,10 +63,10 @@ def time_rounds(runs: dict[str, callable], rounds: int, device: torch.device) ->
     for _ in range(rounds):
         for name, run in runs.items():
             sync(device)
-            start = time.perf_counter()
+            start = clock()
             run()
             sync(device)
-            seconds[name].append(time.perf_counter() - start)
+            seconds[name].append(clock() - start)
     return {name: statistics.median(values) for name, values in seconds.items()}
 
 
@@ -85,14 +90,21 @@ def measure_speed(threads: int, batches: list[torch.Tensor], rounds: int, device
 
     runs = {"per_image": per_image, **{method: batched(method) for method in METHODS}}
     seconds = time_rounds(runs, rounds, device)
+    # CPU seconds of this process as a second view: on a shared machine they leave out the time spent
+    # waiting for a core (but still count spinning threads and contended caches)
+    cpu_seconds = time_rounds(runs, rounds, device, clock=time.process_time) if device.type == "cpu" else None
     images = BATCH * len(batches)
     per_image_rate = images / seconds["per_image"]
-    by_method = {method: {"img_s": round(images / seconds[method], 1),
-                          "ratio": round(seconds["per_image"] / seconds[method], 2)} for method in METHODS}
+    by_method = {}
+    for method in METHODS:
+        by_method[method] = {"img_s": round(images / seconds[method], 1),
+                             "ratio": round(seconds["per_image"] / seconds[method], 2)}
+        if cpu_seconds is not None:
+            by_method[method]["cpu_time_ratio"] = round(cpu_seconds["per_image"] / cpu_seconds[method], 2)
     default = METHODS[0]
     return {"device": str(device), "threads": threads, "per_image_img_s": round(per_image_rate, 1),
             "batched_img_s": by_method[default]["img_s"], "ratio": by_method[default]["ratio"],
-            "method": default, "by_method": by_method}
+            "method": default, "by_method": by_method, "load_average": round(os.getloadavg()[0], 2)}
 
 
 def measure_grids(batches: list[torch.Tensor], rounds: int) -> dict:
