@@ -88,13 +88,15 @@ def base_accuracy(head: torch.nn.Module, features: np.ndarray | torch.Tensor, la
     was_training = head.training
     head.eval()
     device = head.weight.device
-    correct = 0
+    hits = []
     for start in range(0, len(labels), batch_size):
         logits = head(features[start:start + batch_size].to(device))
-        correct += int((logits.argmax(dim=1).cpu() == labels[start:start + batch_size]).sum())
+        hits.append(logits.argmax(dim=1).cpu() == labels[start:start + batch_size])
     head.train(was_training)
-    total = len(labels)
-    return {"accuracy": 100.0 * correct / total, "ci95": binomial_ci95(correct, total), "n": total}
+    per_image = torch.cat(hits)
+    correct, total = int(per_image.sum()), len(labels)
+    return {"accuracy": 100.0 * correct / total, "ci95": binomial_ci95(correct, total), "n": total,
+            "correct": per_image.to(torch.uint8).tolist()}
 
 
 # ---------------------------------------------------------------------------------------------------- analyze
@@ -144,6 +146,7 @@ def analyze(checkpoint: str | os.PathLike, base_features: str | os.PathLike, nov
         "base_accuracy": accuracy["accuracy"],
         "base_accuracy_ci95": accuracy["ci95"],
         "base_accuracy_ci": "binomial normal approximation, 1.96*sqrt(p(1-p)/n), in percent",
+        "base_correct": accuracy["correct"],  # per held-out image, in split order: pairs margins image by image
         "base_discriminability": discriminability(base["features"], base["labels"]),
         "novel_discriminability": discriminability(novel["features"], novel["labels"]),
         "features_normalised": "L2",

@@ -12,7 +12,7 @@ from negmargin.options import TsneConfig
 def _metrics(args: argparse.Namespace) -> None:
     from negmargin.reporting.metrics import write_metrics
 
-    metrics = write_metrics(args.runs, args.out, root=args.root)
+    metrics = write_metrics(args.runs, args.out, root=args.root, train_logs=args.train_logs)
     print(f"{len(metrics['runs'])} runs, {len(metrics['aggregate'])} (dataset, arch, margin) groups -> {args.out}")
 
 
@@ -41,7 +41,8 @@ def _table(args: argparse.Namespace) -> None:
 
     references = dict(parse_reference(text) for text in args.reference)
     render_table(load_metrics(args.metrics), args.dataset, references, args.out, margin=parse_margins(args.margin),
-                 reference_source=args.reference_source, metrics_name=args.metrics, root=args.root)
+                 reference_source=args.reference_source, metrics_name=args.metrics, root=args.root,
+                 train_logs=args.train_logs)
     print(f"{args.dataset} table -> {args.out}")
 
 
@@ -85,6 +86,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     metrics.add_argument("--runs", nargs="+", required=True, metavar="RUN_DIR",
                          help="run folders results/<dataset>/<arch>/m<margin>/s<seed>")
     metrics.add_argument("--out", required=True, help="output JSON, e.g. results/metrics.json")
+    metrics.add_argument("--train-logs", default=None, metavar="CSV",
+                         help="also write every run's training log (epoch, lr, loss, validation) into one CSV")
     metrics.add_argument("--root", default=".", help="paths in the output are relative to this folder "
                          "(default: the working directory, the repository root)")
     metrics.set_defaults(func=_metrics)
@@ -104,6 +107,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="published accuracy to compare with, e.g. conv4:1=64.08 (repeatable)")
     table.add_argument("--reference-source", default=None, metavar="TEXT",
                        help="where the reference numbers come from, printed under the table")
+    table.add_argument("--train-logs", default=None, metavar="CSV",
+                       help="the training-log CSV of `negmargin metrics --train-logs`, linked from the table")
     table.add_argument("--out", required=True, help="output markdown, e.g. results/tables/cub.md")
     table.add_argument("--root", default=".",
                        help="folder the metrics paths are relative to (default: the working directory)")

@@ -18,37 +18,102 @@ from typing import Any
 
 from negmargin import settings
 from negmargin.datasets import DATASETS, SPLITS
-from negmargin.options import ARCHS, EpisodeConfig, FinetuneConfig, SourceConfig, TrainConfig, TsneConfig
-from negmargin.pipeline.config import margins, shots, validation_shots
+from negmargin.options import (
+    CHECKPOINT_PICKS,
+    MODEL_PATTERN,
+    EpisodeConfig,
+    FinetuneConfig,
+    SourceConfig,
+    TrainConfig,
+    TsneConfig,
+)
+from negmargin.pipeline.config import margins, shots, validation_shots, ways
 
 
 @dataclass(frozen=True)
 class Paths:
-    """One template per artifact, used by the rule that writes it and by every rule that reads it."""
+    """One template per artifact, used by the rule that writes it and by every rule that reads it. A named
+    configuration (top-level `name`) keeps its data, results and logs under folders of that name."""
 
-    prepared: str = "data/{dataset}/prepared.json"
-    run_dir: str = "results/{dataset}/{arch}/m{margin}/s{seed}"
-    train_summary: str = "results/{dataset}/{arch}/m{margin}/s{seed}/train/train.json"
-    selection: str = "results/{dataset}/{arch}/m{margin}/s{seed}/selected_{shot}shot.json"
-    features: str = "results/{dataset}/{arch}/m{margin}/s{seed}/features/{shot}shot_{split}.npz"
-    metatest: str = "results/{dataset}/{arch}/m{margin}/s{seed}/metatest_{shot}shot.json"
-    analysis: str = "results/{dataset}/{arch}/m{margin}/s{seed}/analysis.json"
-    metrics: str = "results/metrics.json"
-    table: str = "results/tables/{dataset}.md"
-    plots: str = "results/plots/{dataset}/{arch}"
-    summary: str = "results/summary.md"
+    data: str = "data"
+    results: str = "results"
+    logs: str = "logs"
+
+    @classmethod
+    def named(cls, name: str | None) -> Paths:
+        return cls() if not name else cls(f"data/{name}", f"results/{name}", f"logs/{name}")
+
+    @property
+    def prepared(self) -> str:
+        return f"{self.data}/{{dataset}}/prepared.json"
+
+    @property
+    def run_dir(self) -> str:
+        return f"{self.results}/{{dataset}}/{{arch}}/m{{margin}}/s{{seed}}"
+
+    @property
+    def train_summary(self) -> str:
+        return f"{self.run_dir}/train/train.json"
+
+    @property
+    def selection(self) -> str:
+        return f"{self.run_dir}/{{ckpt}}/selected_{{shot}}shot.json"
+
+    @property
+    def features(self) -> str:
+        return f"{self.run_dir}/{{ckpt}}/features/{{shot}}shot_{{split}}.npz"
+
+    @property
+    def metatest(self) -> str:
+        return f"{self.run_dir}/{{ckpt}}/metatest_{{ways}}way_{{shot}}shot.json"
+
+    @property
+    def analysis(self) -> str:
+        return f"{self.run_dir}/{{ckpt}}/analysis.json"
+
+    @property
+    def metrics(self) -> str:
+        return f"{self.results}/metrics.json"
+
+    @property
+    def train_logs(self) -> str:
+        return f"{self.results}/train_logs.csv"
+
+    @property
+    def table(self) -> str:
+        return f"{self.results}/tables/{{dataset}}.md"
+
+    @property
+    def plots(self) -> str:
+        return f"{self.results}/plots/{{dataset}}/{{arch}}"
+
+    @property
+    def summary(self) -> str:
+        return f"{self.results}/summary.md"
+
+    @property
+    def manifest(self) -> str:
+        """The modification-time record of this configuration's files (negmargin.filestate)."""
+        return f"{self.results}/mtimes.json"
+
+    def log(self, relative: str) -> str:
+        return f"{self.logs}/{relative}"
+
+    def benchmark(self, relative: str) -> str:
+        return f"{self.logs}/benchmarks/{relative}"
 
 
-PATHS = Paths()
-PLOT_FILES = ("accuracy_vs_margin.png", "discriminability_vs_margin.png", "tsne_novel.png",
+PLOT_FILES = ("delta_vs_margin.png", "accuracy_vs_margin.png", "discriminability_vs_margin.png", "tsne_novel.png",
               "margin_sweep.csv")  # margin_sweep.csv: what `dvc plots show` draws (dvc.yaml)
 
 # What a wildcard may match, so that paths cannot be parsed two ways.
 WILDCARD_CONSTRAINTS = {
     "dataset": "|".join(DATASETS),
-    "arch": "|".join(ARCHS),
+    "arch": MODEL_PATTERN,
     "margin": r"-?[0-9]+\.[0-9]+",
     "seed": "[0-9]+",
+    "ckpt": "|".join(CHECKPOINT_PICKS),
+    "ways": "[0-9]+",
     "shot": "[0-9]+",
     "split": "|".join(SPLITS),
 }
@@ -73,9 +138,9 @@ def _is_url(source: Any) -> bool:
 class Plan:
     """The workflow's questions about one validated config (``negmargin.pipeline.config.validate``)."""
 
-    def __init__(self, config: dict[str, Any], paths: Paths = PATHS) -> None:
+    def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
-        self.paths = paths
+        self.paths = Paths.named(config.get("name"))
 
     # ------------------------------------------------------------------------------------------ the grid
 
@@ -85,11 +150,22 @@ class Plan:
     def archs(self, name: str) -> list[str]:
         return list(self.dataset(name)["archs"])
 
-    def seeds(self, name: str) -> list[int]:
-        return [int(s) for s in self.dataset(name)["seeds"]]
+    def seeds(self, name: str, arch: str) -> list[int]:
+        grid = self.dataset(name)["seeds"]
+        return [int(s) for s in (grid[arch] if isinstance(grid, dict) else grid)]
 
     def shots(self) -> list[int]:
         return shots(self.config)
+
+    def ways(self) -> list[int]:
+        return ways(self.config)
+
+    def checkpoints(self) -> list[str]:
+        return list(self.config["metatest"]["checkpoints"])
+
+    def tasks(self) -> list[tuple[int, int]]:
+        """(ways, shots) of every meta-test of a checkpoint."""
+        return [(w, k) for w in self.ways() for k in self.shots()]
 
     def selection_shot(self, shot: int | str) -> int:
         """Whose selection (and features) serves meta-test shot ``shot``: under `shared` the first shot's."""
@@ -104,7 +180,7 @@ class Plan:
         for name in self.config["run_datasets"]:
             for arch in self.archs(name):
                 for margin in margins(self.config, name, arch):
-                    for seed in self.seeds(name):
+                    for seed in self.seeds(name, arch):
                         yield {"dataset": name, "arch": arch, "margin": margin_label(margin), "seed": seed}
 
     def run_outputs(self, wildcards: Any = None) -> list[str]:
@@ -112,9 +188,10 @@ class Plan:
         files = []
         for run in self.runs():
             files.append(self.paths.train_summary.format(**run))
-            for shot in self.shots():
-                files += [self.paths.selection.format(**run, shot=shot), self.paths.metatest.format(**run, shot=shot)]
-            files.append(self.paths.analysis.format(**run))
+            for ckpt in self.checkpoints():
+                files += [self.paths.selection.format(**run, ckpt=ckpt, shot=shot) for shot in self.shots()]
+                files += [self.paths.metatest.format(**run, ckpt=ckpt, ways=w, shot=k) for w, k in self.tasks()]
+                files.append(self.paths.analysis.format(**run, ckpt=ckpt))
         return files
 
     def run_dirs(self) -> list[str]:
@@ -124,7 +201,7 @@ class Plan:
         """Every run's result files, the metrics, tables, plots and summary. The run files are targets too:
         they are not committed (the tables, plots and metrics of the default run are), so in a fresh clone
         they make Snakemake re-run the whole chain instead of reporting "nothing to be done"."""
-        outputs = self.run_outputs() + [self.paths.metrics, self.paths.summary]
+        outputs = self.run_outputs() + [self.paths.metrics, self.paths.train_logs, self.paths.summary]
         for name in self.config["run_datasets"]:
             outputs.append(self.paths.table.format(dataset=name))
             for arch in self.archs(name):
@@ -198,11 +275,17 @@ class Plan:
         """Every result-affecting flag of `negmargin train` for (dataset, arch), and the compute flags;
         a change of the former retrains."""
         hyper = self.dataset(wildcards.dataset)["train"][wildcards.arch]
-        derived = {"val_shots": validation_shots(self.config), "val_ways": self.config["metatest"]["ways"],
+        derived = {"arch": self.backbone(wildcards.arch), "model": wildcards.arch,
+                   "val_shots": validation_shots(self.config), "val_ways": self.ways()[0],
                    "val_queries": self.config["metatest"]["queries"]}
         compute = {key: self.config["compute"][key] for key in ("amp", "num_workers")}
         return " ".join([settings.cli_flags(TrainConfig, {**hyper, **derived, **compute}),
                          self.device_args(wildcards)])
+
+    @staticmethod
+    def backbone(model: str) -> str:
+        """The backbone of a model name: conv4-softmax -> conv4."""
+        return model.split("-", 1)[0]
 
     # ------------------------------------------------------------------------------------------ evaluate
 
@@ -253,13 +336,14 @@ class Plan:
         """Novel features of the most negative, the zero (or closest to zero) and the most positive margin of
         the (dataset, arch) grid, first seed, keyed by margin label."""
         grid = margins(self.config, wildcards.dataset, wildcards.arch)
-        seed = self.seeds(wildcards.dataset)[0]
+        seed = self.seeds(wildcards.dataset, wildcards.arch)[0]
+        ckpt = self.checkpoints()[0]
         features = {}
         for margin in (min(grid), min(grid, key=abs), max(grid)):
             label = margin_label(margin)
             features[label] = self.paths.features.format(dataset=wildcards.dataset, arch=wildcards.arch,
-                                                         margin=label, seed=seed, shot=self.analysis_shot(),
-                                                         split="novel")
+                                                         margin=label, seed=seed, ckpt=ckpt,
+                                                         shot=self.analysis_shot(), split="novel")
         return features
 
     def tsne_inputs(self, wildcards: Any, input: Any) -> str:
