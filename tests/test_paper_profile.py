@@ -88,7 +88,7 @@ def test_paper_profile_renders_three_tables(paper_run):
         published = references[dataset]["references"]["accuracy"]
         for row in rows:
             run = next(r for r in metrics["runs"] if r["dataset"] == dataset and r["arch"] == row["Arch"])
-            ours = run["shots"][row["shot"]]["accuracy_mean"]
+            ours = run["checkpoints"]["best"]["tasks"][f"5way-{row['shot']}shot"]["accuracy_mean"]
             reference = float(published[row["Arch"]][int(row["shot"])])
             assert row["mean Acc"] == f"{ours:.2f}"
             assert float(row["reference"]) == pytest.approx(reference)
