@@ -51,6 +51,12 @@ METRICS = PATHS.metrics
 TABLE = PATHS.table
 PLOTS = PATHS.plots
 SUMMARY = PATHS.summary
+RELEASED_DOWNLOAD = PATHS.released_download
+RELEASED_CHECKPOINT = PATHS.released_checkpoint
+RELEASED_PROVENANCE = PATHS.released_provenance
+RELEASED_FEATURES = PATHS.released_features
+RELEASED_METATEST = PATHS.released_metatest
+RELEASED_TABLE = PATHS.released_table
 
 
 def out_dir(name):
