@@ -20,6 +20,8 @@ import pytest
 import yaml
 from workflow_helpers import job_env, merged_config, snakemake, tool
 
+pytestmark = pytest.mark.slow  # a system test: the real workflow (tests in tiers, pyproject.toml)
+
 REPO = Path(__file__).resolve().parents[1]
 RUN = Path("results/omniglot/conv4/m0.0/s0")
 

@@ -218,14 +218,14 @@ def third_party_closure(seeds: set[str], stop: set[str]) -> set[str]:
 
 
 def unwrap(function) -> list:
-    """A dispatch function, with a functools.partial opened up into its function and callable arguments."""
+    """A dispatch function, with a functools.partial opened up into its function and callable arguments; a
+    registered dataset among the arguments adds its preparation function (imported by name when it runs)."""
+    from negmargin.datasets import DatasetSpec
+
     if isinstance(function, functools.partial):
-        return [
-            f
-            for part in (function.func, *function.args, *function.keywords.values())
-            if callable(part)
-            for f in unwrap(part)
-        ]
+        parts = (function.func, *function.args, *function.keywords.values())
+        return [f for part in parts if callable(part) for f in unwrap(part)] + [
+            part.load_prepare() for part in parts if isinstance(part, DatasetSpec)]
     return [function]
 
 

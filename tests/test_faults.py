@@ -38,6 +38,8 @@ from negmargin.data.download import download
 from negmargin.data.extract import extract
 from negmargin.errors import UserError
 
+pytestmark = pytest.mark.slow  # a system test: the real workflow (tests in tiers, pyproject.toml)
+
 REPO = Path(__file__).resolve().parents[1]
 RUN = Path("results/omniglot/conv4/m0.0/s0")
 TRAIN_LOG = Path("logs/train/omniglot/conv4/m0.0/s0.log")

@@ -15,6 +15,8 @@ from archives import make_cub_tgz, make_ravi_zip, make_tiered_tar, ravi_rows, ti
 from http_server import FileServer
 from workflow_helpers import copy_workflow, read_markdown_tables, snakemake
 
+pytestmark = pytest.mark.slow  # a system test: the real workflow (tests in tiers, pyproject.toml)
+
 PER_CLASS = 8  # 5-shot episodes with 2 queries need 7 images per class
 
 

@@ -29,6 +29,8 @@ import torch
 import yaml
 from workflow_helpers import copy_workflow, expected_jobs, job_env, merged_config
 
+pytestmark = pytest.mark.slow  # a system test: the real workflow (tests in tiers, pyproject.toml)
+
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_SLURM = REPO / "tools" / "local-slurm.sh"
 PARTITION = "debug"  # tools/local-slurm.sh's partition

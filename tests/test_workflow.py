@@ -30,6 +30,8 @@ from workflow_helpers import (
     tool,
 )
 
+pytestmark = pytest.mark.slow  # a system test: the real workflow (tests in tiers, pyproject.toml)
+
 REPO = Path(__file__).resolve().parents[1]
 REPORTING_RULES = {"metrics", "table", "plot_margins", "plot_tsne", "summary", "all"}
 

@@ -27,10 +27,12 @@ envvars:
 
 
 from negmargin.pipeline import config as config_check
-from negmargin.pipeline.plan import PATHS, PLOT_FILES, WILDCARD_CONSTRAINTS, Plan
+from negmargin.pipeline.plan import PATHS, WILDCARD_CONSTRAINTS, Plan
 
 # Every key checked (one line per problem, naming the key) and every default filled in before any job runs.
-config_check.validate(config, Path(workflow.basedir, "workflow/schemas/config.schema.yaml"))
+config_check.validate(
+    config, Path(workflow.basedir, "workflow/schemas/config.schema.yaml")
+)
 P = Plan(config)
 for notice in config_check.notices(config):
     print(notice, file=sys.stderr)

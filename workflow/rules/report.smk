@@ -119,10 +119,11 @@ rule plot_tsne:
     resources:
         **P.resources("report"),
     params:
-        args=P.tsne_args,
+        features=P.tsne_inputs,
+        options=P.tsne_args,
         out_dir=out_dir("figure"),
     shell:
-        "python -m negmargin plot-tsne {params.args}"
+        "python -m negmargin plot-tsne {params.features} {params.options}"
         " --out-dir {params.out_dir} > {log} 2>&1"
 
 

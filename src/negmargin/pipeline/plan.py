@@ -282,9 +282,12 @@ class Plan:
                                                          split="novel")
         return features
 
-    def tsne_args(self, wildcards: Any, input: Any) -> str:
-        files = " ".join(f"--features={label}={path}" for label, path in input.items())
-        return f"{files} {settings.cli_flags(TsneConfig, self.config['tsne'], 'tsne')}"
+    def tsne_inputs(self, wildcards: Any, input: Any) -> str:
+        return " ".join(f"--features={label}={path}" for label, path in input.items())
+
+    def tsne_args(self, wildcards: Any) -> str:
+        """The panel options; a params entry of its own, so that changing one re-draws the t-SNE."""
+        return settings.cli_flags(TsneConfig, self.config["tsne"], "tsne")
 
     # ------------------------------------------------------------------------------------------ released
 
