@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -177,7 +178,7 @@ def test_cli_import_bad_option_values_are_one_line(conv4_model, tmp_path, capsys
 
 def test_download_checks_the_sha256_prefix(tmp_path, capsys):
     body = b"released weights " * 4000
-    digest = sha256_file_bytes(body)
+    digest = hashlib.sha256(body).hexdigest()
     with FileServer() as server:
         good = server.add("/good.pth", body, mode="drop")  # the first request breaks off: resumed with Range
         truncated = server.add("/truncated.pth", body[: len(body) // 3])
@@ -194,12 +195,6 @@ def test_download_checks_the_sha256_prefix(tmp_path, capsys):
             assert last.startswith("negmargin download: error: download of ") and url in last
             assert f"expected it to start with {prefix}" in last
             assert not target.exists() and not target.with_name(target.name + ".part").exists()
-
-
-def sha256_file_bytes(body: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(body).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------- head-row order
