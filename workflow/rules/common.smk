@@ -57,6 +57,12 @@ PLOTS = PATHS.plots
 SUMMARY = PATHS.summary
 LOG = PATHS.log
 BENCHMARK = PATHS.benchmark
+RELEASED_DOWNLOAD = PATHS.released_download
+RELEASED_CHECKPOINT = PATHS.released_checkpoint
+RELEASED_PROVENANCE = PATHS.released_provenance
+RELEASED_FEATURES = PATHS.released_features
+RELEASED_METATEST = PATHS.released_metatest
+RELEASED_TABLE = PATHS.released_table
 
 
 def out_dir(name):

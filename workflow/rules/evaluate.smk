@@ -34,7 +34,9 @@ rule features:
     log:
         LOG("features/{dataset}/{arch}/m{margin}/s{seed}/{ckpt}_{shot}shot_{split}.log"),
     benchmark:
-        BENCHMARK("features/{dataset}/{arch}/m{margin}/s{seed}/{ckpt}_{shot}shot_{split}.tsv")
+        BENCHMARK(
+            "features/{dataset}/{arch}/m{margin}/s{seed}/{ckpt}_{shot}shot_{split}.tsv"
+        )
     conda:
         "../../envs/torch.yaml"
     threads: P.threads("features")
@@ -60,9 +62,13 @@ rule metatest:
     output:
         result=METATEST,
     log:
-        LOG("metatest/{dataset}/{arch}/m{margin}/s{seed}/{ckpt}_{ways}way_{shot}shot.log"),
+        LOG(
+            "metatest/{dataset}/{arch}/m{margin}/s{seed}/{ckpt}_{ways}way_{shot}shot.log"
+        ),
     benchmark:
-        BENCHMARK("metatest/{dataset}/{arch}/m{margin}/s{seed}/{ckpt}_{ways}way_{shot}shot.tsv")
+        BENCHMARK(
+            "metatest/{dataset}/{arch}/m{margin}/s{seed}/{ckpt}_{ways}way_{shot}shot.tsv"
+        )
     conda:
         "../../envs/torch.yaml"
     threads: P.threads("metatest")

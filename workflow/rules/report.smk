@@ -60,7 +60,11 @@ rule plot_margins:
             caption="../report/delta_vs_margin.rst",
             category="Margin analysis",
             subcategory="{dataset} {arch}",
-            labels={"dataset": "{dataset}", "arch": "{arch}", "figure": "difference to m = 0"},
+            labels={
+                "dataset": "{dataset}",
+                "arch": "{arch}",
+                "figure": "difference to m = 0",
+            },
         ),
         accuracy=report(
             f"{PLOTS}/accuracy_vs_margin.png",

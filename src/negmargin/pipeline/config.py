@@ -297,11 +297,15 @@ def cross_checks(config: dict[str, Any], workdir: Path) -> Iterator[str]:
                 missing = set(archs) - set(block[key])
                 if missing:
                     yield f"datasets.{name}.{key} lacks archs {sorted(missing)}"
-        for arch, by_shot in block["references"]["accuracy"].items():
-            if arch not in archs:
-                yield f"datasets.{name}.references.accuracy names arch {arch!r}, not in archs"
-            elif set(map(int, by_shot)) - set(shots(config)):
-                yield f"datasets.{name}.references.accuracy.{arch} names shots not in metatest.shots"
+        for key in ("accuracy", "std"):
+            for arch, by_shot in block["references"][key].items():
+                if arch not in archs:
+                    yield f"datasets.{name}.references.{key} names arch {arch!r}, not in archs"
+                elif set(map(int, by_shot)) - set(shots(config)):
+                    yield f"datasets.{name}.references.{key}.{arch} names shots not in metatest.shots"
+        names = [url.rsplit("/", 1)[-1] for model in block["released"]["models"].values() for url in model.values()]
+        if len(set(names)) < len(names):
+            yield f"datasets.{name}.released.models: two files share a name; each is downloaded under its own"
         table_margin = block["table_margin"]
         for arch in archs:
             chosen = table_margin.get(arch) if isinstance(table_margin, dict) else table_margin

@@ -11,7 +11,10 @@ Standard library only.
 
 from __future__ import annotations
 
+import os
+import re
 import shlex
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -102,7 +105,38 @@ class Paths:
     def benchmark(self, relative: str) -> str:
         return f"{self.logs}/benchmarks/{relative}"
 
+    # mmfewshot's released models (the `released` target): downloads, the imported checkpoint and its results.
+    # Raw downloads are shared by every configuration, like data/raw.
+    @property
+    def released_download(self) -> str:
+        return "data/raw/mmfewshot/{dataset}/{filename}"
 
+    @property
+    def released_dir(self) -> str:
+        return f"{self.results}/released/{{dataset}}/{{arch}}"
+
+    @property
+    def released_checkpoint(self) -> str:
+        return f"{self.released_dir}/checkpoint.pt"
+
+    @property
+    def released_provenance(self) -> str:
+        return f"{self.released_dir}/checkpoint.provenance.json"
+
+    @property
+    def released_features(self) -> str:
+        return f"{self.released_dir}/features_novel.npz"
+
+    @property
+    def released_metatest(self) -> str:
+        return f"{self.released_dir}/metatest_{{shot}}shot.json"
+
+    @property
+    def released_table(self) -> str:
+        return f"{self.results}/tables/released_{{dataset}}.md"
+
+
+RELEASED_PLOT_FILES = ("released_validation.png", "released_validation.svg", "released_validation.csv")
 PLOT_FILES = ("delta_vs_margin.png", "accuracy_vs_margin.png", "discriminability_vs_margin.png", "tsne_novel.png",
               "margin_sweep.csv")  # margin_sweep.csv: what `dvc plots show` draws (dvc.yaml)
 
@@ -116,8 +150,16 @@ WILDCARD_CONSTRAINTS = {
     "ways": "[0-9]+",
     "shot": "[0-9]+",
     "split": "|".join(SPLITS),
+    "filename": r"[^/]+",
 }
+# The first 8 hex digits of the file's sha256, which OpenMMLab puts before `.pth` in a released file name.
+RELEASED_SHA_PREFIX = re.compile(r"-([0-9a-f]{8})\.pth$")
 RULE_FAMILIES = ("prepare", "train", "select", "features", "metatest", "analyze", "report")
+
+
+def url_filename(url: str) -> str:
+    """The last path segment of a URL: the name a download keeps."""
+    return os.path.basename(urllib.parse.urlparse(url).path)
 
 
 def margin_label(value: float) -> str:
@@ -352,3 +394,111 @@ class Plan:
     def tsne_args(self, wildcards: Any) -> str:
         """The panel options; a params entry of its own, so that changing one re-draws the t-SNE."""
         return settings.cli_flags(TsneConfig, self.config["tsne"], "tsne")
+
+    # ------------------------------------------------------------------------------------------ released
+
+    def released_models(self, name: str) -> dict[str, dict[str, str]]:
+        """arch -> {checkpoint, log} URLs of mmfewshot's released models of dataset ``name`` that this run
+        covers (archs of the dataset entry that have one)."""
+        models = self.dataset(name)["released"]["models"]
+        return {arch: models[arch] for arch in self.archs(name) if arch in models}
+
+    def released_pairs(self) -> Iterator[dict[str, str]]:
+        """(dataset, arch) of every released model the `released` target evaluates, in run_datasets order."""
+        for name in self.config["run_datasets"]:
+            for arch in self.released_models(name):
+                yield {"dataset": name, "arch": arch}
+
+    def released_outputs(self, wildcards: Any = None) -> list[str]:
+        """The `released` target: per dataset with released models its table, per model its plots."""
+        outputs = []
+        for name in self.config["run_datasets"]:
+            if self.released_models(name):
+                outputs.append(self.paths.released_table.format(dataset=name))
+        for pair in self.released_pairs():
+            folder = self.paths.plots.format(**pair)
+            outputs += [f"{folder}/{plot}" for plot in RELEASED_PLOT_FILES]
+        return outputs
+
+    def released_file(self, dataset: str, arch: str, kind: str) -> str:
+        """Where the `kind` (checkpoint or log) of a released model is downloaded (or placed by hand)."""
+        url = self.released_models(dataset)[arch][kind]
+        return self.paths.released_download.format(dataset=dataset, filename=url_filename(url))
+
+    def released_checkpoint_file(self, wildcards: Any) -> str:
+        return self.released_file(wildcards.dataset, wildcards.arch, "checkpoint")
+
+    def released_url(self, wildcards: Any) -> str:
+        """The URL of the released file named ``wildcards.filename`` of ``wildcards.dataset``."""
+        for model in self.released_models(wildcards.dataset).values():
+            for url in model.values():
+                if url_filename(url) == wildcards.filename:
+                    return url
+        raise ValueError(f"datasets.{wildcards.dataset}.released.models names no file {wildcards.filename!r}")
+
+    def released_download_args(self, wildcards: Any) -> str:
+        """`negmargin download` flags: the URL and, for a checkpoint, the sha256 prefix of its file name (the
+        only checksum OpenMMLab publishes; a training log has none)."""
+        url = self.released_url(wildcards)
+        words = [f"--url {shlex.quote(url)}"]
+        prefix = RELEASED_SHA_PREFIX.search(wildcards.filename)
+        if prefix:
+            words.append(f"--sha256-prefix {prefix.group(1)}")
+        return " ".join(words)
+
+    def released_table_inputs(self, wildcards: Any) -> dict[str, str]:
+        """Per released model of the dataset: its provenance and its meta-test of every shot."""
+        inputs = {}
+        for arch in self.released_models(wildcards.dataset):
+            fields = {"dataset": wildcards.dataset, "arch": arch}
+            inputs[f"{arch}_provenance"] = self.paths.released_provenance.format(**fields)
+            for shot in self.shots():
+                inputs[f"{arch}_{shot}shot"] = self.paths.released_metatest.format(**fields, shot=shot)
+        return inputs
+
+    def released_table_args(self, wildcards: Any) -> str:
+        """`negmargin released-table` flags: each model's folder and URLs, and the published numbers with
+        their source (datasets.<name>.references)."""
+        name = wildcards.dataset
+        references = self.dataset(name)["references"]
+        released = self.dataset(name)["released"]
+        words = ["--shots " + " ".join(str(shot) for shot in self.shots())]
+        for arch, model in self.released_models(name).items():
+            folder = self.paths.released_dir.format(dataset=name, arch=arch)
+            words += [f"--model {arch}={folder}", f"--ckpt-url {arch}={shlex.quote(model['checkpoint'])}",
+                      f"--log-url {arch}={shlex.quote(model['log'])}"]
+            for shot, accuracy in references["accuracy"].get(arch, {}).items():
+                words.append(f"--reference {arch}:{int(shot)}={accuracy}")
+            for shot, std in references["std"].get(arch, {}).items():
+                words.append(f"--reference-std {arch}:{int(shot)}={std}")
+        if references["source"]:
+            words.append(f"--reference-source {shlex.quote(references['source'])}")
+        if released["source"]:
+            words.append(f"--release-source {shlex.quote(released['source'])}")
+        return " ".join(words)
+
+    def our_run(self, dataset: str, arch: str) -> dict[str, Any] | None:
+        """Our run of (dataset, arch) that a released model is compared with: the table margin (or the only
+        margin of the grid), first seed; None when neither picks one."""
+        table_margin = self.dataset(dataset)["table_margin"]
+        margin = table_margin.get(arch) if isinstance(table_margin, dict) else table_margin
+        grid = margins(self.config, dataset, arch) if arch in self.dataset(dataset)["train"] else []
+        if margin is None and len(grid) == 1:
+            margin = grid[0]
+        if margin is None:
+            return None
+        return {"dataset": dataset, "arch": arch, "margin": margin_label(margin), "seed": self.seeds(dataset, arch)[0]}
+
+    def released_plot_inputs(self, wildcards: Any) -> dict[str, str]:
+        """The released model's training log."""
+        return {"published": self.released_file(wildcards.dataset, wildcards.arch, "log")}
+
+    def released_plot_args(self, wildcards: Any) -> str:
+        """`negmargin plot-released-log` flags: the published log and, where our run of the same (dataset,
+        arch) has finished, its train.json. That file is read, not declared as an input: `released` must never
+        schedule a training (a changed training rule or param would otherwise retrain from here)."""
+        words = [f"--log {self.released_plot_inputs(wildcards)['published']}"]
+        run = self.our_run(wildcards.dataset, wildcards.arch)
+        if run is not None and os.path.exists(self.paths.train_summary.format(**run)):
+            words.append(f"--ours {self.paths.train_summary.format(**run)}")
+        return " ".join(words)
