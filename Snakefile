@@ -1,5 +1,6 @@
 # Negative Margin Matters (Liu et al., ECCV 2020): prepare -> train -> select -> features -> metatest ->
-# analyze -> metrics, tables, plots, summary. See docs/workflow.md; the contract is docs/architecture.md.
+# analyze -> metrics, tables, plots, summary; `snakemake released` checks mmfewshot's released models (download ->
+# import -> features -> metatest -> table). See docs/workflow.md; the contract is docs/architecture.md.
 from snakemake.utils import min_version
 
 min_version("8.20")
@@ -18,6 +19,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/released.smk"
 
 
 # Jobs of seconds that read only small files: on a cluster they run on the submitting host instead of
@@ -30,6 +32,10 @@ localrules:
     plot_margins,
     plot_tsne,
     summary,
+    released,
+    released_download,
+    released_table,
+    released_plot,
 
 
 rule all:

@@ -130,9 +130,9 @@ def test_aggregate_seeds_student_t_interval():
 
 
 def test_aggregate_seeds_one_seed_has_no_interval():
-    assert aggregate_seeds([71.5]) == {"mean": 71.5, "ci95": None, "std": None, "n": 1}
-    assert aggregate_seeds([None, 71.5]) == {"mean": 71.5, "ci95": None, "std": None, "n": 1}
-    assert aggregate_seeds([]) == {"mean": None, "ci95": None, "std": None, "n": 0}
+    assert aggregate_seeds([71.5]) == {"mean": 71.5, "ci95": None, "std": None, "n": 1, "values": [71.5]}
+    assert aggregate_seeds([None, 71.5]) == {"mean": 71.5, "ci95": None, "std": None, "n": 1, "values": [71.5]}
+    assert aggregate_seeds([]) == {"mean": None, "ci95": None, "std": None, "n": 0, "values": []}
 
 
 def test_t_quantile_fallback_matches_scipy(monkeypatch):
@@ -152,21 +152,24 @@ def test_t_quantile_fallback_matches_scipy(monkeypatch):
 
 
 def _run(margin, seed, accuracy, temperature=10.0):
-    return {"dataset": "omniglot", "arch": "conv4", "margin": margin, "seed": seed, "metric": "cosine",
-            "temperature": temperature, "image_size": 28, "batch_size": 64, "epochs": 3,
-            "shots": {"1": {"accuracy_mean": accuracy}}, "base_accuracy": None,
-            "base_discriminability": None, "novel_discriminability": {"ratio": accuracy / 10}}
+    return {"dataset": "omniglot", "arch": "conv4", "backbone": "conv4", "margin": margin, "seed": seed,
+            "metric": "cosine", "temperature": temperature, "image_size": 28, "batch_size": 64, "epochs": 3,
+            "checkpoints": {"best": {"tasks": {"5way-1shot": {"accuracy_mean": accuracy, "epoch": 3}},
+                                     "base_accuracy": None, "base_discriminability": None,
+                                     "novel_discriminability": {"ratio": accuracy / 10}}}}
 
 
 def test_aggregate_runs_groups_by_margin():
     groups = aggregate_runs([_run(-0.1, 0, 90.0), _run(-0.1, 1, 92.0), _run(0.0, 0, 88.0)])
     assert [(g["margin"], g["n_seeds"], g["seeds"]) for g in groups] == [(-0.1, 2, [0, 1]), (0.0, 1, [0])]
-    first = groups[0]
-    assert first["novel"]["1"]["mean"] == pytest.approx(91.0)
+    first = groups[0]["checkpoints"]["best"]
+    assert first["tasks"]["5way-1shot"]["mean"] == pytest.approx(91.0)
     # s = sqrt(2), n = 2, t_{0.975, 1} = 12.706204736174698 -> 12.7062 * sqrt(2) / sqrt(2)
-    assert first["novel"]["1"]["ci95"] == pytest.approx(12.706204736174698, rel=1e-8)
-    assert first["base_accuracy"] == {"mean": None, "ci95": None, "std": None, "n": 0}
-    assert groups[1]["novel"]["1"]["ci95"] is None
+    assert first["tasks"]["5way-1shot"]["ci95"] == pytest.approx(12.706204736174698, rel=1e-8)
+    assert first["base_accuracy"]["n"] == 0
+    # the novel discriminability is paired seed by seed with m = 0 (seed 0 only has both)
+    assert first["paired_vs_zero"]["novel_discriminability"]["mean"] == pytest.approx(0.2)
+    assert groups[1]["checkpoints"]["best"]["tasks"]["5way-1shot"]["ci95"] is None
 
 
 def test_aggregate_runs_refuses_mixed_configurations():

@@ -76,9 +76,9 @@ def mtimes(root: Path) -> dict[str, int]:
 def project(tmp_path_factory) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("dvc")
     first_clone = make_project(root / "first")
-    first = dvc("repro", cwd=first_clone)
+    first = dvc("repro", "workflow", cwd=first_clone)  # the study stage is 100 minutes of CPU: not here
     before = mtimes(first_clone)
-    second = dvc("repro", cwd=first_clone)
+    second = dvc("repro", "workflow", cwd=first_clone)
     return SimpleNamespace(root=root, first_clone=first_clone, first=first, second=second,
                            before_second=before, after_second=mtimes(first_clone))
 
@@ -105,7 +105,8 @@ def test_dvc_repro_runs_the_workflow_with_the_results_of_snakemake(project, e2e)
                 "results/plots/omniglot/conv4/margin_sweep.csv", "results/plots/omniglot/conv4/margin_analysis.csv"):
         assert (a / rel).read_bytes() == (e2e / rel).read_bytes(), rel
     for shot in (1, 5):  # every number and digest of the meta-test, every episode; only the timing differs
-        ours, theirs = (json.loads((root / RUN / f"metatest_{shot}shot.json").read_text()) for root in (a, e2e))
+        ours, theirs = (json.loads((root / RUN / f"best/metatest_5way_{shot}shot.json").read_text())
+                        for root in (a, e2e))
         assert ours.pop("elapsed_s") >= 0 and theirs.pop("elapsed_s") >= 0
         assert ours == theirs
     lock = yaml.safe_load((a / "dvc.lock").read_text())["stages"]["workflow"]
@@ -124,7 +125,8 @@ def test_a_second_dvc_repro_does_nothing(project):
 
 def test_push_then_pull_restores_results_and_checkpoints_and_nothing_reruns(project, pulled):
     a, b = project.first_clone, pulled
-    for rel in (RUN / "train" / "best.pt", RUN / "train" / "last.pt", RUN / "features", RUN / "metatest_1shot.json",
+    for rel in (RUN / "train" / "best.pt", RUN / "train" / "last.pt", RUN / "best" / "features",
+                RUN / "best" / "metatest_5way_1shot.json",
                 Path("data/omniglot/prepared.json"), Path("results/mtimes.json"), Path(".snakemake/metadata")):
         assert (b / rel).exists(), rel
         if (a / rel).is_file():
@@ -149,11 +151,11 @@ def test_metrics_show_prints_the_accuracies(project):
     expected = json.loads((project.first_clone / "results" / "metrics.json").read_text())
     for entry in expected["aggregate"]:
         values = data["accuracy"]["omniglot"]["conv4"][f"m{entry['margin']}"]
-        assert values["novel_1shot"] == entry["novel"]["1"]["mean"]
-        assert values["novel_5shot"] == entry["novel"]["5"]["mean"]
+        for task in ("5way-1shot", "5way-5shot"):
+            assert values[f"best_{task}"] == entry["checkpoints"]["best"]["tasks"][task]["mean"]
     table = dvc("metrics", "show", cwd=project.first_clone)
-    first = expected["aggregate"][0]
-    assert "novel_1shot" in table and f"{first['novel']['1']['mean']:.5g}"[:5] in table
+    first = expected["aggregate"][0]["checkpoints"]["best"]["tasks"]["5way-1shot"]["mean"]
+    assert "best_5way-1shot" in table and f"{first:.5g}"[:5] in table
 
 
 def test_plots_show_writes_html_that_renders_offline(project, tmp_path):
@@ -167,12 +169,12 @@ def test_plots_show_writes_html_that_renders_offline(project, tmp_path):
     assert "vegaEmbed(" in html
     # the margin-sweep chart carries the sweep's numbers, x = margin
     sweep = (project.first_clone / "results/plots/omniglot/conv4/margin_sweep.csv").read_text().splitlines()
-    assert '"margin"' in html and "novel_1shot" in html
+    assert '"margin"' in html and "best_novel_5way_1shot" in html
     for row in sweep[1:]:
         assert f'"margin": "{row.split(",")[0]}"' in html or f'"margin": {row.split(",")[0]}' in html
     # the project's figures are linked as local files that exist
     images = re.findall(r'<img src="(static/[^"]+)"', html)
-    assert len(images) == 3 and all((out / src).is_file() for src in images)
+    assert len(images) == 4 and all((out / src).is_file() for src in images)
     assert html.count("vegaEmbed('#") == 1  # one chart: the sweep (not every CSV under results/plots)
 
 
@@ -181,7 +183,7 @@ def test_exp_run_with_a_margin_key_is_listed(project, pulled):
     Snakemake see the changed param: the table is redone, nothing is retrained."""
     b = pulled
     checkpoint = (b / RUN / "train" / "best.pt").read_bytes()
-    output = dvc("exp", "run", "-n", "table-m0.2", "-S", "config/config.yaml:datasets.omniglot.table_margin=0.2", cwd=b)
+    output = dvc("exp", "run", "workflow", "-n", "table-m0.2", "-S", "config/config.yaml:datasets.omniglot.table_margin=0.2", cwd=b)
     assert "rule train" not in output and "rule table" in output
     assert (b / RUN / "train" / "best.pt").read_bytes() == checkpoint
     shown = dvc("exp", "show", "--no-pager", "--md", cwd=b)

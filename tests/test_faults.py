@@ -50,7 +50,7 @@ TARGETS = [str(METRICS), str(TABLE)]
 # The tiny pipeline of .test/config.yaml cut further: 30 characters per split, one margin, one seed, one
 # shot, 5 episodes; two epochs (so that a run killed in the second has a checkpoint to resume from).
 FAULT_CONFIG = {
-    "metatest": {"episodes": 5, "shots": [1]},
+    "metatest": {"episodes": 5, "ways": [5], "shots": [1], "checkpoints": ["best"]},
     "datasets": {
         "omniglot": {
             "prepare": {"options": {"max_classes": 30}},
@@ -225,8 +225,8 @@ def test_case1_training_killed_under_snakemake_resumes_to_the_same_metrics(kille
 @pytest.mark.parametrize(
     ("rule", "verb", "output"),
     [
-        ("features", "features", RUN / "features" / "1shot_novel.npz"),
-        ("metatest", "metatest", RUN / "metatest_1shot.json"),
+        ("features", "features", RUN / "best" / "features" / "1shot_novel.npz"),
+        ("metatest", "metatest", RUN / "best" / "metatest_5way_1shot.json"),
         ("table", "table", TABLE),
     ],
 )
@@ -540,16 +540,17 @@ def test_case10_two_runs_give_byte_identical_metrics_and_the_same_episodes(secon
 
     assert second_run["metrics"] == baseline["metrics"]
     for repo in (baseline["repo"], second_run["repo"]):
-        record = json.loads((repo / RUN / "metatest_1shot.json").read_text())
+        record = json.loads((repo / RUN / "best" / "metatest_5way_1shot.json").read_text())
         # The episodes are a function of the seed (and the novel labels) alone: drawn again here, outside
         # the workflow, they are the same. tests/test_metatest.py pins one digest across machines.
-        labels = load_features(repo / RUN / "features" / "1shot_novel.npz")["labels"]
+        labels = load_features(repo / RUN / "best" / "features" / "1shot_novel.npz")["labels"]
         drawn = sample_episodes(labels, record["ways"], 1, record["queries"], record["episodes"], seed=0)
         assert record["episodes_sha256"] == drawn.digest()
     # The features (float32 arrays in a fixed-date .npz) are byte-identical too, and so is every field of
     # the meta-test record but its wall-clock time.
-    for name in ("features/1shot_novel.npz", "features/1shot_base_holdout.npz"):
+    for name in ("best/features/1shot_novel.npz", "best/features/1shot_base_holdout.npz"):
         assert (baseline["repo"] / RUN / name).read_bytes() == (second_run["repo"] / RUN / name).read_bytes(), name
-    first, second = ((repo / RUN / "metatest_1shot.json").read_bytes() for repo in (baseline["repo"], second_run["repo"]))
+    first, second = ((repo / RUN / "best" / "metatest_5way_1shot.json").read_bytes()
+                     for repo in (baseline["repo"], second_run["repo"]))
     assert without_timing(first) == without_timing(second) and b'"elapsed_s"' in first
     shutil.rmtree(second_run["repo"] / "results", ignore_errors=True)  # done with it; keep /tmp small

@@ -47,6 +47,7 @@ CUB_CONFIG = """model = dict(
         temperature=5.0))
 data = dict(train=dict(type='CUBDataset', subset='train'))
 """
+SPLITS = Path(__file__).resolve().parents[1] / "src" / "negmargin" / "data" / "splits"
 RELEASED_MINI_CONV4 = "neg-margin_cosine_conv4_1xb64_mini-imagenet_5way-1shot_20211120_104933"
 CLASSES = ["001.Black_footed_Albatross", "003.Sooty_Albatross", "005.Crested_Auklet"]
 
@@ -120,7 +121,7 @@ def test_conv4_import_gives_the_same_features_and_records_provenance(conv4_model
                                   "metric": "cosine", "temperature": 10.0, "margin": -0.01}
     config = ckpt["config"]
     assert (config["dataset"], config["margin"], config["temperature"], config["channels_last"]) == (
-        "cub", -0.01, 10.0, True)
+        "cub", -0.01, 10.0, False)
     assert ckpt["base_class_names"] == CLASSES
     # the provenance: beside the checkpoint and inside it, the same
     assert read_json(provenance_path(dst)) == ckpt["provenance"] == summary
@@ -140,11 +141,15 @@ def test_resnet12_import_gives_the_same_features(resnet12_source, tmp_path):
     model, ckpt = load_model(dst, arch="resnet12")
     assert _max_feature_difference(reference, model, batch=2, seed=1) <= 1e-4
     assert torch.equal(model.head.weight, reference.head.weight)
-    # no meta and no released name: dataset from --dataset, margin unknown, no class names
+    # no meta and no released name: dataset from --dataset, margin unknown, head rows in mmfewshot's
+    # tiered-ImageNet label order, in our class names (synsets)
     assert ckpt["config"]["dataset"] == "tiered_imagenet" and ckpt["config"]["margin"] is None
     assert summary["margin_from"] == "unknown" and summary["dataset_from"] == "--dataset"
     assert summary["head_shape"] == [351, 640] and summary["tensors_mapped"] == 97
-    assert "base_class_names" not in ckpt
+    assert summary["head_class_order"].startswith("mmfewshot's tiered_imagenet train classes")
+    ours = [line.split(",")[0] for line in (SPLITS / "tieredImageNet" / "train.csv").read_text().split()]
+    assert sorted(ckpt["base_class_names"]) == sorted(ours) and ckpt["base_class_names"] != ours
+    assert ckpt["base_class_names"][0] == "n02094433"  # mmfewshot's first: 'Yorkshire terrier'
 
 
 def test_released_name_gives_dataset_and_margin_and_is_checked(conv4_model, tmp_path):
@@ -197,8 +202,8 @@ def test_imported_checkpoint_works_with_features_and_analyze(conv4_model, tmp_pa
                 writer.add(rng.integers(0, 256, (84, 84, 3), dtype=np.uint8), int(label), f"{split}_{index}")
     for split in ("base_holdout", "novel"):
         features_of_checkpoint(dst, tmp_path / split, tmp_path / f"{split}.npz", device="cpu")
-    # the features command (channels_last, the test transform) agrees with mmfewshot's module on the same
-    # input; mmfewshot's .view() needs contiguous images
+    # the features command (the test transform, mmfewshot's NCHW memory format for an imported model) agrees
+    # with mmfewshot's module on the same input
     batches = eval_batches(load_split(tmp_path / "novel"), 8, 84)
     images = torch.cat([batch for batch, _ in batches]).contiguous()
     with torch.no_grad():

@@ -15,6 +15,8 @@ from archives import make_cub_tgz, make_ravi_zip, make_tiered_tar, ravi_rows, ti
 from http_server import FileServer
 from workflow_helpers import copy_workflow, read_markdown_tables, snakemake
 
+pytestmark = pytest.mark.slow  # a system test: the real workflow (tests in tiers, pyproject.toml)
+
 PER_CLASS = 8  # 5-shot episodes with 2 queries need 7 images per class
 
 
@@ -86,7 +88,7 @@ def test_paper_profile_renders_three_tables(paper_run):
         published = references[dataset]["references"]["accuracy"]
         for row in rows:
             run = next(r for r in metrics["runs"] if r["dataset"] == dataset and r["arch"] == row["Arch"])
-            ours = run["shots"][row["shot"]]["accuracy_mean"]
+            ours = run["checkpoints"]["best"]["tasks"][f"5way-{row['shot']}shot"]["accuracy_mean"]
             reference = float(published[row["Arch"]][int(row["shot"])])
             assert row["mean Acc"] == f"{ours:.2f}"
             assert float(row["reference"]) == pytest.approx(reference)

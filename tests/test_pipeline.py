@@ -56,10 +56,11 @@ def run(**values) -> SimpleNamespace:
         ({"run_datasets": ["imagenet1k"]},
          "run_datasets names 'imagenet1k': unknown dataset; allowed: cub, mini_imagenet, omniglot, tiered_imagenet"),
         ({"datasets": {"omniglot": {"archs": ["vgg16"]}}},
-         "datasets.omniglot.archs[0]: 'vgg16' is not one of ['conv4', 'resnet12']"),
+         "datasets.omniglot.archs[0]: 'vgg16' does not match '^(?:(conv4|resnet12)(-[a-z0-9_.]+)?)$'; allowed: "
+         "a backbone (conv4, resnet12), optionally with -<variant> (e.g. conv4-softmax)"),
         ({"metatest": {"episodes": 0}}, "metatest.episodes: 0 is less than the minimum of 1"),
-        ({"metatest": {"ways": 30}, "datasets": {"omniglot": {"prepare": {"options": {"max_classes": 20}}}}},
-         "metatest.ways is 30, but the novel split of omniglot has 20 classes (prepare.options.max_classes 20); "
+        ({"metatest": {"ways": [5, 30]}, "datasets": {"omniglot": {"prepare": {"options": {"max_classes": 20}}}}},
+         "metatest.ways 30: the novel split of omniglot has 20 classes (prepare.options.max_classes 20); "
          "allowed: 2 to 20"),
         ({"metatest": {"shots": [1, 10], "queries": 15}},
          "metatest.shots 10 + metatest.queries 15 = 25 images per class, but the novel split of omniglot has 20 "
@@ -103,32 +104,34 @@ def test_plan_of_the_default_run():
     plan = Plan(validated())
     runs = list(plan.runs())
     assert len(runs) == 10 and runs[0] == {"dataset": "omniglot", "arch": "conv4", "margin": "-0.5", "seed": 0}
-    wildcards = run(dataset="omniglot", arch="conv4", margin="-0.25", seed="0", shot="5")
+    wildcards = run(dataset="omniglot", arch="conv4", margin="-0.25", seed="0", ckpt="best", ways="5", shot="5")
     flags = plan.train_args(wildcards)
+    assert flags.startswith("--arch conv4 --model conv4 --metric cosine")
     assert "--epochs 3 " in flags and "--lr-steps 2 " in flags and "--val-shots 1 " in flags
     assert flags.endswith("--device cpu") and "--amp none" in flags
-    assert plan.metatest_args(wildcards).startswith("--ways 5 --queries 15 --episodes 2000 --episodes-seed 0")
-    assert plan.novel_features_for(wildcards).endswith("m-0.25/s0/features/1shot_novel.npz")
+    assert plan.metatest_args(wildcards).startswith("--queries 15 --episodes 2000 --episodes-seed 0")
+    assert plan.novel_features_for(wildcards).endswith("m-0.25/s0/best/features/1shot_novel.npz")
     assert plan.prepare_args(run(dataset="omniglot")) == (
         "omniglot --source resources/omniglot/omniglot_105.npz --image-size 28 --base-holdout 4 --rotations 0 "
         "--seed 0")
     assert plan.table_args(run(dataset="omniglot")) == "--margin=-0.25"
     outputs = plan.final_outputs()
-    assert "results/plots/omniglot/conv4/margin_sweep.csv" in outputs and len(outputs) == 10 * 6 + 2 + 1 + 4
+    assert "results/plots/omniglot/conv4/margin_sweep.csv" in outputs and "results/train_logs.csv" in outputs
+    assert len(outputs) == 10 * 6 + 3 + 1 + 5  # runs x (train, 2 selections, 2 meta-tests, analysis), reports
 
 
 @pytest.mark.parametrize("mode", ["shared", "per-shot"])
 def test_shots_in_any_order_select_their_checkpoint(mode):
     """metatest.shots [5, 1]: under `shared` the first shot (5) is validated and serves both."""
     plan = Plan(validated({"metatest": {"shots": [5, 1]}, "selection_mode": mode}))
-    one = run(dataset="omniglot", arch="conv4", margin="0.0", seed="0", shot="1")
+    one = run(dataset="omniglot", arch="conv4", margin="0.0", seed="0", ckpt="best", ways="5", shot="1")
     flags = plan.train_args(one)
     if mode == "shared":
         assert "--val-shots 5 " in flags and plan.selection_shot(1) == 5
-        assert plan.novel_features_for(one).endswith("features/5shot_novel.npz")
+        assert plan.novel_features_for(one).endswith("best/features/5shot_novel.npz")
     else:
         assert "--val-shots 5 1 " in flags and plan.selection_shot(1) == 1
-        assert plan.novel_features_for(one).endswith("features/1shot_novel.npz")
+        assert plan.novel_features_for(one).endswith("best/features/1shot_novel.npz")
 
 
 def test_resources_grow_with_the_attempt_up_to_the_cap():
@@ -153,3 +156,17 @@ def test_paper_profile_plan():
     assert plan.prepare_args(run(dataset="cub")).startswith("cub --no-skip-bad-images")  # registry's source
     assert plan.table_args(run(dataset="tiered_imagenet")).startswith("--margin=conv4=-0.02 --margin=resnet12=-0.01")
     assert copy.deepcopy(plan.config) == plan.config
+
+
+def test_a_named_config_keeps_its_own_folders():
+    study = yaml.safe_load((REPO / "config" / "study.yaml").read_text())
+    plan = Plan(validated(study))
+    runs = list(plan.runs())
+    assert len(runs) == 7 * 3 + 5 * 3
+    assert plan.paths.prepared == "data/study/{dataset}/prepared.json"
+    assert all(path.startswith("results/study/") for path in plan.final_outputs())
+    wildcards = run(dataset="omniglot", arch="conv4-softmax", margin="-2.0", seed="1")
+    flags = plan.train_args(wildcards)
+    assert "--arch conv4 --model conv4-softmax --metric softmax --temperature 1.0 " in flags
+    assert "--epochs 12 " in flags and "--lr-steps 7 10 " in flags
+    assert plan.tasks() == [(5, 1), (5, 5), (20, 1), (20, 5)] and plan.checkpoints() == ["best", "final"]

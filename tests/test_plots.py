@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from cli_helpers import one_line_error
+from result_folders import episodes, make_run
 
 from negmargin.cli import main
 from negmargin.errors import UserError
-from negmargin.reporting.metrics import aggregate_runs
+from negmargin.reporting.metrics import collect_metrics
 from negmargin.reporting.plots import (
     accuracy_figure,
+    delta_figure,
     discriminability_figure,
     margin_series,
     parse_labelled_path,
@@ -24,23 +27,28 @@ from negmargin.reporting.plots import (
 MARGINS = (-0.2, -0.1, 0.0, 0.1)
 
 
-def _metrics() -> dict:
-    """metrics.json in the schema of `negmargin metrics`: two seeds per margin, one seed at m = 0.1."""
+def _metrics(seeds=(0, 1, 2)) -> dict:
+    return json.loads(_metrics_text(tuple(seeds)))
+
+
+@functools.lru_cache(maxsize=2)
+def _metrics_text(seeds: tuple[int, ...], root: Path | None = None) -> str:
+    """metrics.json as `negmargin metrics` writes it, from real run folders: a sweep over MARGINS with a base
+    accuracy near 100 % at m = 0.1 (its CI band must be clipped) and the final checkpoint meta-tested too."""
+    import tempfile
+
+    root = Path(root or tempfile.mkdtemp())
     runs = []
-    for index, margin in enumerate(MARGINS):
-        for seed in (0, 1) if margin != 0.1 else (0,):
-            shift = seed * 0.8
-            runs.append({
-                "dataset": "omniglot", "arch": "conv4", "margin": margin, "seed": seed, "metric": "cosine",
-                "temperature": 10.0, "image_size": 28, "batch_size": 64, "epochs": 3, "num_classes": 1028,
-                "ways": 5,
-                "shots": {"1": {"accuracy_mean": 90.0 - 10 * (margin + 0.1) ** 2 * 100 + shift},
-                          "5": {"accuracy_mean": 97.0 - index + shift}},
-                "base_accuracy": 80.0 + 50 * margin + shift,
-                "base_discriminability": {"ratio": 1.0 + margin + seed * 0.01},
-                "novel_discriminability": {"ratio": 0.5 - abs(margin + 0.1) + seed * 0.01},
-            })
-    return {"format": "negmargin-metrics/1", "runs": runs, "aggregate": aggregate_runs(runs)}
+    for margin in MARGINS:
+        for seed in seeds:
+            one = 90.0 - 1000 * (margin + 0.1) ** 2 + seed * 0.8
+            correct = [1] * (int(380 + 150 * margin) + 4 * seed) + [0] * 400
+            runs.append(make_run(root / f"m{margin}s{seed}", dataset="omniglot", margin=margin, seed=seed,
+                                 tasks={(5, 1): [v + one - 90.0 for v in episodes(90.0, spread=6.0, seed=seed)],
+                                        (20, 5): 97.0 + margin + seed * 0.1},
+                                 base_correct=correct[:400], base_ratio=1.0 + margin + seed * 0.01,
+                                 novel_ratio=0.5 - abs(margin + 0.1) + seed * 0.01, picks=("best", "final")))
+    return json.dumps(collect_metrics(runs, root))
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -51,86 +59,79 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 def test_margin_series_match_the_aggregate():
     metrics = _metrics()
     rows = margin_series(metrics, "omniglot", "conv4")
-    assert {row["series"] for row in rows} == {"base accuracy", "novel 1-shot", "novel 5-shot",
-                                                "base discriminability", "novel discriminability"}
+    assert {row["quantity"] for row in rows} == {"novel 5-way 1-shot", "novel 20-way 5-shot", "base accuracy",
+                                                  "base discriminability", "novel discriminability"}
     for entry in metrics["aggregate"]:
-        row = next(r for r in rows if r["margin"] == entry["margin"] and r["series"] == "novel 1-shot")
-        stat = entry["novel"]["1"]
-        assert row["mean"] == stat["mean"] and row["n_seeds"] == stat["n"]
-        if stat["ci95"] is None:
-            assert row["ci_low"] is None and row["ci_high"] is None
-        else:
-            assert row["ci_low"] == pytest.approx(stat["mean"] - stat["ci95"])
-            assert row["ci_high"] == pytest.approx(stat["mean"] + stat["ci95"])
+        row = next(r for r in rows if r["margin"] == entry["margin"] and r["quantity"] == "novel 5-way 1-shot"
+                   and r["checkpoint"] == "best")
+        stat = entry["checkpoints"]["best"]["tasks"]["5way-1shot"]
+        assert row["mean"] == stat["mean"] and row["n_seeds"] == stat["n"] == 3
+        assert row["ci_low"] == pytest.approx(max(stat["mean"] - stat["ci95"], 0.0))
+        paired = entry["checkpoints"]["best"].get("paired_vs_zero", {}).get("5way-1shot")
+        assert row["delta"] == (0.0 if entry["margin"] == 0 else pytest.approx(paired["mean"]))
+
+
+def test_bands_stay_inside_0_and_100_percent():
+    rows = margin_series(_metrics(), "omniglot", "conv4")
+    accuracy = [r for r in rows if "discriminability" not in r["quantity"] and r["ci_low"] is not None]
+    assert accuracy and all(0.0 <= r["ci_low"] and r["ci_high"] <= 100.0 for r in accuracy)
+    clipped = [r for r in accuracy if r["quantity"] == "base accuracy" and r["margin"] == 0.1]
+    assert clipped[0]["ci_high"] == 100.0  # base accuracy of ~97.5 with a wide seed interval
 
 
 def test_plot_margins_files_csv_and_plotted_data(tmp_path):
     metrics = _metrics()
     outputs = plot_margins(metrics, "omniglot", "conv4", tmp_path)
-    for stem in ("accuracy_vs_margin", "discriminability_vs_margin"):
+    for stem in ("delta_vs_margin", "accuracy_vs_margin", "discriminability_vs_margin"):
         png, svg = tmp_path / f"{stem}.png", tmp_path / f"{stem}.svg"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
         assert "<svg" in svg.read_text()[:500]
         assert outputs[stem] == [png, svg]
     assert not list(tmp_path.glob("*.tmp*"))  # atomic writes leave no temporaries
-
-    # the CSV holds exactly the aggregate numbers
     rows = _read_csv(tmp_path / "margin_analysis.csv")
-    assert list(rows[0]) == ["margin", "series", "mean", "ci_low", "ci_high", "n_seeds"]
-    by_key = {(float(r["margin"]), r["series"]): r for r in rows}
+    assert list(rows[0]) == ["checkpoint", "quantity", "margin", "mean", "ci_low", "ci_high", "n_seeds",
+                             "seed_values", "delta", "delta_ci_low", "delta_ci_high"]
+    by_key = {(r["checkpoint"], r["quantity"], float(r["margin"])): r for r in rows}
     for entry in metrics["aggregate"]:
-        for series, stat in (("base accuracy", entry["base_accuracy"]), ("novel 5-shot", entry["novel"]["5"]),
-                             ("novel discriminability", entry["novel_discriminability"])):
-            row = by_key[(entry["margin"], series)]
-            assert float(row["mean"]) == stat["mean"]
-            assert int(row["n_seeds"]) == stat["n"]
-            if stat["ci95"] is None:
-                assert row["ci_low"] == row["ci_high"] == ""
-            else:
-                assert float(row["ci_high"]) - float(row["mean"]) == pytest.approx(stat["ci95"])
-
-    # the wide sweep (what `dvc plots` draws): one row per margin, the same means
+        stat = entry["checkpoints"]["final"]["base_accuracy"]
+        row = by_key[("final", "base accuracy", entry["margin"])]
+        assert float(row["mean"]) == stat["mean"] and [float(v) for v in row["seed_values"].split()] == \
+            pytest.approx(stat["values"], abs=1e-4)
     sweep = _read_csv(tmp_path / "margin_sweep.csv")
-    assert list(sweep[0]) == ["margin", "base_accuracy", "novel_1shot", "novel_5shot", "base_discriminability",
-                              "novel_discriminability"]
-    assert [float(r["margin"]) for r in sweep] == sorted(entry["margin"] for entry in metrics["aggregate"])
-    for entry, row in zip(sorted(metrics["aggregate"], key=lambda e: e["margin"]), sweep, strict=True):
-        assert float(row["base_accuracy"]) == entry["base_accuracy"]["mean"]
-        assert float(row["novel_1shot"]) == entry["novel"]["1"]["mean"]
-        assert float(row["novel_5shot"]) == entry["novel"]["5"]["mean"]
-        assert float(row["novel_discriminability"]) == entry["novel_discriminability"]["mean"]
+    assert list(sweep[0])[:4] == ["margin", "best_novel_5way_1shot", "best_novel_20way_5shot", "best_base_accuracy"]
+    assert [float(r["margin"]) for r in sweep] == list(MARGINS)
 
 
-def test_figures_plot_the_metric_numbers():
+def test_each_accuracy_has_its_own_axis_and_the_delta_plot_a_zero_line():
     metrics = _metrics()
     rows = margin_series(metrics, "omniglot", "conv4")
-    figure = accuracy_figure(rows, "omniglot / conv4", "cosine", ways=5, base_classes=1028)
-    ax = figure.axes[0]
-    lines = {line.get_gid(): line for line in ax.get_lines() if line.get_gid()}
-    assert set(lines) == {"base accuracy", "novel 1-shot", "novel 5-shot"}
-    expected_margins = [entry["margin"] for entry in metrics["aggregate"]]
-    for series, pick in (("base accuracy", lambda e: e["base_accuracy"]["mean"]),
-                         ("novel 1-shot", lambda e: e["novel"]["1"]["mean"])):
-        assert list(lines[series].get_xdata()) == expected_margins
-        assert list(lines[series].get_ydata()) == [pick(e) for e in metrics["aggregate"]]
-    # a dotted vertical line at m = 0, CI bands, axis labels with units
-    zero = [line for line in ax.get_lines() if line.get_linestyle() == ":"]
-    assert zero and list(zero[0].get_xdata()) == [0.0, 0.0]
-    assert any(collection.get_gid() == "novel 1-shot ci" for collection in ax.collections)
-    assert ax.get_ylabel() == "accuracy (%)" and "margin m" in ax.get_xlabel()
-
+    figure = accuracy_figure(rows, "omniglot / conv4", "cosine")
+    assert [ax.get_title() for ax in figure.axes] == ["novel 5-way 1-shot", "novel 20-way 5-shot",
+                                                       "base classes (held-out images)"]
+    lows = [ax.get_ylim()[0] for ax in figure.axes]
+    assert len(set(lows)) == 3  # no shared 0-100 axis
+    best = next(line for line in figure.axes[0].get_lines() if line.get_gid() == "best checkpoint")
+    assert list(best.get_xdata()) == list(MARGINS)
+    assert list(best.get_ydata()) == [e["checkpoints"]["best"]["tasks"]["5way-1shot"]["mean"]
+                                      for e in metrics["aggregate"]]
+    assert figure.axes[0].collections  # the band and the seed points
+    delta = delta_figure(rows, "omniglot / conv4", "cosine")
+    zero = [line for line in delta.axes[0].get_lines() if list(line.get_ydata()) == [0.0, 0.0]]
+    assert zero, "the difference plot draws its zero line"
+    line = next(line for line in delta.axes[0].get_lines() if line.get_gid() == "best checkpoint")
+    expected = [0.0 if e["margin"] == 0 else e["checkpoints"]["best"]["paired_vs_zero"]["5way-1shot"]["mean"]
+                for e in metrics["aggregate"]]
+    assert list(line.get_ydata()) == pytest.approx(expected)
     figure = discriminability_figure(rows, "omniglot / conv4", "cosine")
-    base_ax, novel_ax = figure.axes[:2]
-    base_line = next(line for line in base_ax.get_lines() if line.get_gid() == "base discriminability")
-    assert list(base_line.get_ydata()) == [e["base_discriminability"]["mean"] for e in metrics["aggregate"]]
-    assert any(line.get_gid() == "novel discriminability" for line in novel_ax.get_lines())
+    assert len(figure.axes) == 2
 
 
-def test_single_seed_sweep_has_no_bands():
-    runs = [dict(run) for run in _metrics()["runs"] if run["seed"] == 0]
-    metrics = {"runs": runs, "aggregate": aggregate_runs(runs)}
-    figure = accuracy_figure(margin_series(metrics, "omniglot", "conv4"), "t")
-    assert not figure.axes[0].collections
+def test_two_seeds_are_points_not_a_band():
+    figure = accuracy_figure(margin_series(_metrics(seeds=(0, 1)), "omniglot", "conv4"), "t")
+    ax = figure.axes[0]
+    assert [c.get_gid() for c in ax.collections if c.get_gid()] == []  # no band
+    assert any(len(c.get_offsets()) == 2 * len(MARGINS) for c in ax.collections)  # the seeds as points
+    assert "points are the seeds, no band" in figure.get_suptitle()
 
 
 def test_plot_margins_bad_input(tmp_path):
@@ -215,7 +216,8 @@ def test_plot_margins_cli(tmp_path, capsys):
 
 
 def test_plot_files_are_reproducible(tmp_path):
-    plot_margins(_metrics(), "omniglot", "conv4", tmp_path / "a")
-    plot_margins(_metrics(), "omniglot", "conv4", tmp_path / "b")
+    metrics = _metrics()
+    plot_margins(metrics, "omniglot", "conv4", tmp_path / "a")
+    plot_margins(metrics, "omniglot", "conv4", tmp_path / "b")
     for name in ("accuracy_vs_margin.svg", "accuracy_vs_margin.png", "margin_analysis.csv"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()

@@ -198,7 +198,7 @@ def test_dry_run_with_per_shot_selection(dry_copy):
     config = merged_config(dry_copy / "config" / "config.yaml")
     assert job_counts(result.stdout) == expected_jobs(config, mode="per-shot")
     assert "--val-shots 1 5" in result.stdout
-    assert "features/5shot_novel.npz" in result.stdout
+    assert "best/features/5shot_novel.npz" in result.stdout
 
 
 def test_an_invalid_config_is_rejected(dry_copy, tmp_path):
@@ -223,10 +223,14 @@ def test_dvc_files_parse():
     outs = {next(iter(entry)): next(iter(entry.values())) for entry in stage["outs"] + stage["metrics"]}
     assert all(options.get("persist") is True for options in outs.values())  # DVC never deletes them
     assert {path for path, options in outs.items() if options.get("cache") is False} == {
-        "results/tables", "results/summary.md", "results/plots", "results/metrics.json"}
+        "results/tables", "results/summary.md", "results/plots", "results/metrics.json", "results/train_logs.csv"}
     assert [next(iter(entry)) for entry in stage["metrics"]] == ["results/metrics.json"]
-    (sweep,) = [next(iter(entry.values())) for entry in dvc_yaml["plots"] if isinstance(entry, dict)]
-    assert sweep["x"] == "margin" and list(sweep["y"]) == ["results/plots/omniglot/conv4/margin_sweep.csv"]
+    study = dvc_yaml["stages"]["study"]
+    assert study["cmd"] == "snakemake --cores all --configfile=config/study.yaml"
+    study_outs = [next(iter(entry)) for entry in study["outs"] + study["metrics"]]
+    assert all(path.startswith("results/study/") for path in study_outs)  # never one of the default's
+    sweeps = [next(iter(entry.values())) for entry in dvc_yaml["plots"] if isinstance(entry, dict)]
+    assert sweeps[0]["x"] == "margin" and list(sweeps[0]["y"]) == ["results/plots/omniglot/conv4/margin_sweep.csv"]
     data = yaml.safe_load((REPO / "data.dvc").read_text())
     (out,) = data["outs"]
     assert out["path"] == "data" and re.fullmatch(r"[0-9a-f]{32}\.dir", out["md5"])
@@ -263,26 +267,23 @@ def test_e2e_outputs_exist(e2e):
     config = merged_config(e2e / "config" / "config.yaml", e2e / ".test" / "config.yaml")
     for dataset, arch, margin, seed in grid(config):
         run = e2e / "results" / dataset / arch / f"m{margin_label(margin)}" / f"s{seed}"
-        for name in [
-            "train/train.json",
-            "selected_1shot.json",
-            "selected_5shot.json",
-            "metatest_1shot.json",
-            "metatest_5shot.json",
-            "analysis.json",
-            "features/1shot_novel.npz",
-            "features/1shot_base_holdout.npz",
-        ]:
+        names = ["train/train.json"]
+        for pick in ("best", "final"):  # .test meta-tests both checkpoints, 5- and 10-way
+            names += [f"{pick}/selected_1shot.json", f"{pick}/selected_5shot.json", f"{pick}/analysis.json",
+                      f"{pick}/features/1shot_novel.npz", f"{pick}/features/1shot_base_holdout.npz"]
+            names += [f"{pick}/metatest_{w}way_{k}shot.json" for w in (5, 10) for k in (1, 5)]
+        for name in names:
             assert (run / name).is_file(), run / name
-        assert not (run / "features" / "5shot_novel.npz").exists(), "shared selection extracts features once"
+        assert not (run / "best" / "features" / "5shot_novel.npz").exists(), "shared selection extracts once"
     plots = e2e / "results" / "plots" / "omniglot" / "conv4"
-    for name in ["accuracy_vs_margin", "discriminability_vs_margin", "tsne_novel"]:
+    for name in ["delta_vs_margin", "accuracy_vs_margin", "discriminability_vs_margin", "tsne_novel"]:
         for ext in ("png", "svg"):
             assert (plots / f"{name}.{ext}").stat().st_size > 1000
     assert (e2e / "results" / "summary.md").read_text().strip()
+    assert (e2e / "results" / "train_logs.csv").read_text().startswith("dataset,arch,margin,seed,epoch")
     for family in ("prepare", "train", "select", "features", "metatest", "analyze", "report"):
         assert list((e2e / "logs" / family).rglob("*.log")), family
-        assert list((e2e / "benchmarks" / family).rglob("*.tsv")), family
+        assert list((e2e / "logs" / "benchmarks" / family).rglob("*.tsv")), family
 
 
 def test_e2e_table_holds_the_metrics(e2e):
@@ -294,21 +295,25 @@ def test_e2e_table_holds_the_metrics(e2e):
         "table_margin"
     ]
 
-    assert len(headline) == 2  # conv4 x {1, 5} shots x 1 seed at the table margin
+    assert len(headline) == 4  # conv4 x {5, 10} ways x {1, 5} shots x 1 seed at the table margin
     for row in headline:
         run = runs[(row["Arch"], float(table_margin), int(row["seed"]))]
-        metatest = json.loads((e2e / run["run_dir"] / f"metatest_{row['shot']}shot.json").read_text())
+        name = f"best/metatest_{row['way']}way_{row['shot']}shot.json"
+        metatest = json.loads((e2e / run["run_dir"] / name).read_text())
         assert float(row["mean Acc"]) == pytest.approx(metatest["accuracy_mean"], abs=0.006)
         assert float(row["std"]) == pytest.approx(metatest["accuracy_ci95"], abs=0.006)
-        assert float(row["mean Acc"]) == pytest.approx(run["shots"][row["shot"]]["accuracy_mean"], abs=0.006)
+        final = json.loads((e2e / run["run_dir"] / name.replace("best/", "final/")).read_text())
+        assert float(row["final Acc"]) == pytest.approx(final["accuracy_mean"], abs=0.006)
 
-    assert len(sweep) == len(runs) * 2
+    assert len(sweep) == len(runs) * 4
     for row in sweep:
         run = runs[(row["Arch"], float(row["margin"]), int(row["seed"]))]
-        metatest = json.loads((e2e / run["run_dir"] / f"metatest_{row['shot']}shot.json").read_text())
+        metatest = json.loads((e2e / run["run_dir"] / f"best/metatest_{row['way']}way_{row['shot']}shot.json")
+                              .read_text())
         assert float(row["mean Acc"]) == pytest.approx(metatest["accuracy_mean"], abs=0.006)
-        assert metatest["episodes"] == 20 and metatest["ways"] == 5 and metatest["shots"] == int(row["shot"])
-        analysis = json.loads((e2e / run["run_dir"] / "analysis.json").read_text())
+        assert metatest["episodes"] == 20 and metatest["ways"] == int(row["way"])
+        assert metatest["shots"] == int(row["shot"])
+        analysis = json.loads((e2e / run["run_dir"] / "best" / "analysis.json").read_text())
         assert float(row["base Acc"]) == pytest.approx(analysis["base_accuracy"], abs=0.006)
 
 
@@ -321,13 +326,12 @@ def test_e2e_plot_data_holds_the_metrics(e2e):
     }
     with open(e2e / "results" / "plots" / "omniglot" / "conv4" / "margin_analysis.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    novel = [row for row in rows if row["series"].startswith("novel") and "shot" in row["series"]]
+    novel = [row for row in rows if row["quantity"].startswith("novel") and "shot" in row["quantity"]]
     assert {float(row["margin"]) for row in novel} == set(aggregate)
     for row in novel:
-        shot = re.search(r"(\d+)-shot", row["series"]).group(1)
-        assert math.isclose(
-            float(row["mean"]), aggregate[float(row["margin"])]["novel"][shot]["mean"], abs_tol=1e-9
-        )
+        ways, shots = re.search(r"(\d+)-way (\d+)-shot", row["quantity"]).groups()
+        numbers = aggregate[float(row["margin"])]["checkpoints"][row["checkpoint"]]
+        assert math.isclose(float(row["mean"]), numbers["tasks"][f"{ways}way-{shots}shot"]["mean"], abs_tol=1e-9)
     with open(e2e / "results" / "plots" / "omniglot" / "conv4" / "tsne.csv", newline="") as f:
         panels = {float(row["margin"]) for row in csv.DictReader(f)}
     assert panels == {-0.2, 0.0, 0.2}  # most negative, zero, most positive

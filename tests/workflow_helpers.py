@@ -103,22 +103,25 @@ def grid(config: dict) -> list[tuple[str, str, float, int]]:
         cfg = config["datasets"][dataset]
         for arch in cfg["archs"]:
             margins = cfg["margins"][arch] if isinstance(cfg["margins"], dict) else cfg["margins"]
-            runs += [(dataset, arch, float(m), int(s)) for m in margins for s in cfg["seeds"]]
+            seeds = cfg["seeds"][arch] if isinstance(cfg["seeds"], dict) else cfg["seeds"]
+            runs += [(dataset, arch, float(m), int(s)) for m in margins for s in seeds]
     return runs
 
 
 def expected_jobs(config: dict, mode: str = "shared") -> dict[str, int]:
     runs = grid(config)
     shots = config["metatest"]["shots"]
+    ways = config["metatest"].get("ways", [5])
+    picks = len(config["metatest"].get("checkpoints", ["best"]))
     pairs = {(d, a) for d, a, _, _ in runs}
     novel_features = 1 if mode == "shared" else len(shots)
     return {
         "prepare": len(config["run_datasets"]),
         "train": len(runs),
-        "select": len(runs) * len(shots),
-        "features": len(runs) * (novel_features + 1),  # + base_holdout of the analysed checkpoint
-        "metatest": len(runs) * len(shots),
-        "analyze": len(runs),
+        "select": len(runs) * len(shots) * picks,
+        "features": len(runs) * (novel_features + 1) * picks,  # + base_holdout of the analysed checkpoint
+        "metatest": len(runs) * len(ways) * len(shots) * picks,
+        "analyze": len(runs) * picks,
         "metrics": 1,
         "table": len(config["run_datasets"]),
         "plot_margins": len(pairs),

@@ -88,16 +88,58 @@ def base_accuracy(head: torch.nn.Module, features: np.ndarray | torch.Tensor, la
     was_training = head.training
     head.eval()
     device = head.weight.device
-    correct = 0
+    hits = []
     for start in range(0, len(labels), batch_size):
         logits = head(features[start:start + batch_size].to(device))
-        correct += int((logits.argmax(dim=1).cpu() == labels[start:start + batch_size]).sum())
+        hits.append(logits.argmax(dim=1).cpu() == labels[start:start + batch_size])
     head.train(was_training)
-    total = len(labels)
-    return {"accuracy": 100.0 * correct / total, "ci95": binomial_ci95(correct, total), "n": total}
+    per_image = torch.cat(hits)
+    correct, total = int(per_image.sum()), len(labels)
+    return {"accuracy": 100.0 * correct / total, "ci95": binomial_ci95(correct, total), "n": total,
+            "correct": per_image.to(torch.uint8).tolist()}
 
 
 # ---------------------------------------------------------------------------------------------------- analyze
+
+
+def training_margin(ckpt: dict[str, Any]) -> float | None:
+    """The margin the model was trained with; None where it is unknown (an imported checkpoint whose file
+    does not say, stored with margin 0 in its model spec because the head needs a number)."""
+    config = ckpt.get("config") or {}
+    if "margin" in config:
+        return None if config["margin"] is None else float(config["margin"])
+    return float(ckpt["model_spec"]["margin"])
+
+
+def head_rows_of(checkpoint: Any, ckpt: dict[str, Any], base_features: Any, class_names: list[str]) -> np.ndarray:
+    """The head row of each class of the base features, by name.
+
+    A checkpoint records the class of each head row (``base_class_names``): ours in the order of the base
+    split, an imported mmfewshot model in mmfewshot's label order. The head may have more rows than base
+    classes (mmfewshot's mini-ImageNet head: 100 for 64); the unused rows still take part in the argmax, as
+    they do in training. Without names (an older checkpoint) row i is class i, and only the count is checked;
+    an imported model without names has an unknown row order, and base accuracy would be meaningless."""
+    trained_on = ckpt.get("base_class_names")
+    rows = int(ckpt["model_spec"]["num_classes"])
+    if trained_on is None:
+        if (ckpt.get("config") or {}).get("source") == "mmfewshot":
+            raise UserError(
+                f"{checkpoint}: the order of its head rows is unknown (an mmfewshot checkpoint imported without "
+                "its dataset or meta CLASSES); import it again with --dataset to measure base accuracy"
+            )
+        if len(class_names) > rows:
+            raise UserError(
+                f"{base_features}: {len(class_names)} classes, but the checkpoint's head has only {rows}; "
+                "pass features of the base_holdout split of the training dataset"
+            )
+        return np.arange(len(class_names))
+    row_of = {str(name): row for row, name in enumerate(trained_on)}
+    if set(class_names) != set(row_of) or len(class_names) != len(row_of):
+        raise UserError(
+            f"{base_features}: its {len(class_names)} classes are not the {len(trained_on)} base classes "
+            f"{checkpoint} was trained on; pass features of the base_holdout split of the training dataset"
+        )
+    return np.array([row_of[name] for name in class_names], dtype=np.int64)
 
 
 def analyze(checkpoint: str | os.PathLike, base_features: str | os.PathLike, novel_features: str | os.PathLike,
@@ -111,27 +153,17 @@ def analyze(checkpoint: str | os.PathLike, base_features: str | os.PathLike, nov
     base = load_features(base_features)
     novel = load_features(novel_features)
     spec = ckpt["model_spec"]
-    # The head may have more outputs than base classes (mmfewshot's mini-ImageNet head: 100 for 64 classes);
-    # the unused rows still take part in the argmax, as they do in training.
-    trained_on = ckpt.get("base_class_names")
-    if trained_on is not None and [str(n) for n in base["class_names"]] != list(trained_on):
-        raise UserError(
-            f"{base_features}: its {len(base['class_names'])} classes are not the {len(trained_on)} base classes "
-            f"{checkpoint_path} was trained on; pass features of the base_holdout split of the training dataset"
-        )
-    if len(base["class_names"]) > spec["num_classes"]:
-        raise UserError(
-            f"{base_features}: {len(base['class_names'])} classes, but the checkpoint's head has only "
-            f"{spec['num_classes']}; pass features of the base_holdout split of the training dataset"
-        )
-    accuracy = base_accuracy(model.head, base["features"], base["labels"])
+    head_rows = head_rows_of(checkpoint_path, ckpt, base_features, [str(n) for n in base["class_names"]])
+    accuracy = base_accuracy(model.head, base["features"], head_rows[base["labels"]])
     return {
         "format": ANALYSIS_FORMAT,
         "checkpoint": str(checkpoint_path),
         "checkpoint_sha256": sha256_file(checkpoint_path),
         "arch": spec["arch"],
         "metric": spec["metric"],
-        "margin": spec["margin"],
+        # The training margin as the checkpoint's config records it: None (unknown) for an imported model
+        # whose source does not say; the spec's number only shapes the training logits.
+        "margin": training_margin(ckpt),
         "temperature": spec["temperature"],
         "base_features": str(base_features),
         "base_features_sha256": sha256_file(base_features),
@@ -144,6 +176,7 @@ def analyze(checkpoint: str | os.PathLike, base_features: str | os.PathLike, nov
         "base_accuracy": accuracy["accuracy"],
         "base_accuracy_ci95": accuracy["ci95"],
         "base_accuracy_ci": "binomial normal approximation, 1.96*sqrt(p(1-p)/n), in percent",
+        "base_correct": accuracy["correct"],  # per held-out image, in split order: pairs margins image by image
         "base_discriminability": discriminability(base["features"], base["labels"]),
         "novel_discriminability": discriminability(novel["features"], novel["labels"]),
         "features_normalised": "L2",

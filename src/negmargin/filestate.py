@@ -109,12 +109,12 @@ def restore(base: str | os.PathLike, manifest: str = MANIFEST) -> tuple[int, int
     return restored, differing
 
 
-def restore_and_report(base: str | os.PathLike) -> None:
+def restore_and_report(base: str | os.PathLike, manifest: str = MANIFEST) -> None:
     """:func:`restore`, with one line on stderr saying what it did (nothing when there was nothing to do)."""
-    restored, differing = restore(base)
+    restored, differing = restore(base, manifest)
     if restored or differing:
         print(
-            f"{MANIFEST}: restored the recorded modification time of {restored} file(s) whose content is "
+            f"{manifest}: restored the recorded modification time of {restored} file(s) whose content is "
             f"unchanged; {differing} file(s) differ from the record and keep their new time.",
             file=sys.stderr,
         )

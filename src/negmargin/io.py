@@ -13,7 +13,7 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +100,41 @@ def torch_save(path: str | os.PathLike, obj: Any) -> None:
     torch.save(obj, buffer)
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         handle.write(buffer.getbuffer())
+
+
+def torch_load_weights_only(path: str | os.PathLike, allowed: Sequence[Any] = (),
+                            accepted: str = "tensors and plain containers only", advice: str = "") -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, with the extra safe globals ``allowed``.
+
+    A UserError of one line naming the file when it is missing, when it holds a pickled object beyond
+    tensors, plain containers and ``allowed`` (its code never runs; ``accepted`` says what is, ``advice``
+    what to do), or when it is not a readable torch file (truncated, another format)."""
+    import pickle
+    import re
+
+    import torch
+
+    from negmargin.errors import UserError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found")
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many kinds here
+        text = str(exc)
+        # torch names the refused global ("GLOBAL posix.system") or the callable it would have run; any other
+        # unpickling failure ("Unsupported operand 110") means bytes that are not a pickle at all.
+        found = re.search(r"GLOBAL (\S+)", text) or re.search(r"function (<[^>]+>|\S+)", text)
+        if isinstance(exc, pickle.UnpicklingError) and (found or "global" in text.lower()):
+            named = f" ({found.group(1)})" if found else ""
+            raise UserError(f"{path}: refused: it holds a pickled Python object{named}, and checkpoints are "
+                            f"loaded with weights_only=True ({accepted}){advice}") from None
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        detail = next((line for line in lines if line.startswith("Unsupported operand")), lines[0] if lines else "")
+        raise UserError(f"{path}: not a readable checkpoint, truncated or not a torch file "
+                        f"({type(exc).__name__}: {detail.split('. ')[0][:200]})") from None
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -141,7 +141,7 @@ def run_metatest(
     return {
         "accuracy_mean": float(accuracies.mean()),
         "accuracy_ci95": ci95(accuracies),
-        "accuracy_std": float(accuracies.std(ddof=0)),
+        "episode_std": float(accuracies.std(ddof=0)),
         "ways": ways,
         "shots": shots,
         "queries": queries,

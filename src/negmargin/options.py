@@ -22,8 +22,11 @@ from negmargin.settings import Settings, setting
 ARCHS = {"conv4": "Conv4", "resnet12": "ResNet12"}
 METRICS = {"cosine": "CosineMarginHead", "softmax": "SoftmaxMarginHead"}
 SELECTION_MODES = ("shared", "per-shot")
+CHECKPOINT_PICKS = ("best", "final")  # the best-validation checkpoint (the paper's rule) or the last epoch's
 DEVICE_PATTERN = r"auto|cpu|cuda(:[0-9]+)?"
-MARGIN_LIMIT = 1.0
+# A model of the grid: a backbone of ARCHS, optionally with a suffix naming a variant (conv4-softmax).
+MODEL_PATTERN = "(" + "|".join(ARCHS) + ")(-[a-z0-9_.]+)?"
+NAME_PATTERN = "[a-z0-9][a-z0-9_-]*"
 
 
 @dataclass(frozen=True)
@@ -31,9 +34,11 @@ class TrainConfig(Settings):
     """Base training (spec 1.1-1.3). Defaults are mmfewshot's (CUB / mini-ImageNet Conv4 config)."""
 
     arch: str = setting("conv4", "backbone", choices=tuple(ARCHS))
+    model: str | None = setting(None, "the model's name in results/ (a config `archs` entry such as conv4 or "
+                                "conv4-softmax); null: the arch", pattern=MODEL_PATTERN)
     metric: str = setting("cosine", "margin head type", choices=tuple(METRICS), section="train")
-    margin: float = setting(-0.01, "margin m: negative, zero or positive", minimum=-MARGIN_LIMIT,
-                            maximum=MARGIN_LIMIT)
+    margin: float = setting(-0.01, "margin m: negative, zero or positive (in units of the head's similarity: "
+                            "a cosine for the cosine head, a logit for the softmax head)")
     temperature: float = setting(10.0, "logit scale T", exclusive_minimum=0, section="train")
     num_classes: int | None = setting(None, "rows of the training head; null: the number of base classes",
                                       minimum=1, section="train")
@@ -79,7 +84,7 @@ RESUMABLE_CHANGES = frozenset({"device", "num_workers", "log_every"})
 class EpisodeConfig(Settings):
     """The episodes of a meta-test (mmfewshot's protocol)."""
 
-    ways: int = setting(5, "classes per episode", minimum=2, section="metatest")
+    ways: int = setting(5, "classes per episode", minimum=2)
     shots: int = setting(1, "support images per class", minimum=1)
     queries: int = setting(15, "query images per class", minimum=1, section="metatest")
     episodes: int = setting(2000, "test episodes", minimum=1, section="metatest")
@@ -115,6 +120,8 @@ class SelectConfig(Settings):
         "shared", "which validation picks the checkpoint of each meta-test shot: `shared` (mmfewshot) - the "
         "first shot's validation serves every shot; `per-shot` - each shot its own", choices=SELECTION_MODES,
         section="top", flag="--mode")
+    pick: str = setting("best", "which checkpoint: `best` - the best on validation episodes (the paper's rule); "
+                        "`final` - the last epoch's", choices=CHECKPOINT_PICKS)
 
 
 @dataclass(frozen=True)
@@ -149,6 +156,10 @@ class ComputeConfig(Settings):
 
 @dataclass(frozen=True)
 class WorkflowConfig(Settings):
+    name: str | None = setting(
+        None, "name of this configuration's outputs: results/<name>/, data/<name>/ and logs/<name>/, so that "
+        "two configurations never overwrite each other; null: results/, data/ and logs/", pattern=NAME_PATTERN,
+        section="top", cli=False)
     restore_mtimes: bool = setting(
         True, "before building the DAG, give every file under data/, results/ and resources/ whose content "
         "matches results/mtimes.json its recorded modification time back, so that files restored by dvc pull, "

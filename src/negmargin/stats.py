@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -60,15 +61,18 @@ def aggregate_seeds(values: Iterable[float | None]) -> dict[str, float | int | N
 
     ``ci95`` = t_{0.975, n-1} * s / sqrt(n) with s the sample std (ddof=1): few seeds, unknown variance.
     With one value ``std`` and ``ci95`` are None (unknown, not 0); with none, ``mean`` is None too.
+    ``values`` lists the per-seed numbers (shown instead of an interval where there are few seeds).
     """
     present = np.array([v for v in values if v is not None], dtype=np.float64)
     n = len(present)
+    listed = [float(v) for v in present]
     if n == 0:
-        return {"mean": None, "ci95": None, "std": None, "n": 0}
+        return {"mean": None, "ci95": None, "std": None, "n": 0, "values": []}
     if n == 1:
-        return {"mean": float(present[0]), "ci95": None, "std": None, "n": 1}
+        return {"mean": listed[0], "ci95": None, "std": None, "n": 1, "values": listed}
     std = float(present.std(ddof=1))
-    return {"mean": float(present.mean()), "ci95": t_quantile_975(n - 1) * std / math.sqrt(n), "std": std, "n": n}
+    return {"mean": float(present.mean()), "ci95": t_quantile_975(n - 1) * std / math.sqrt(n), "std": std, "n": n,
+            "values": listed}
 
 
 def _ranks(values: Sequence[float]) -> list[float]:
@@ -93,3 +97,62 @@ def spearman(xs: Sequence[float], ys: Sequence[float]) -> float | None:
     sxx = sum((a - mx) ** 2 for a in rx)
     syy = sum((b - my) ** 2 for b in ry)
     return None if sxx == 0 or syy == 0 else sxy / math.sqrt(sxx * syy)
+
+
+def interval(mean: float, half: float | None) -> tuple[float | None, float | None]:
+    return (None, None) if half is None else (mean - half, mean + half)
+
+
+def paired_difference(per_seed: Sequence[tuple[int, np.ndarray]]) -> dict[str, Any]:
+    """The difference of a margin to m = 0, measured on the same episodes (or the same images) per seed.
+
+    ``per_seed``: (seed, differences) with one difference per episode or image, in points. Per seed: the mean
+    and a normal 95% CI over the episodes, 1.96 * s / sqrt(n) (s with ddof=1). Pooled: the mean of the per-seed
+    means, with a Student-t 95% CI over those means (n_seeds - 1 degrees of freedom). Each per-seed mean
+    carries its own episode noise, so that interval accounts for seed and episode variance together; with one
+    seed the pooled CI is that seed's episode CI (seed variance unknown, and said so in ``interval``).
+    """
+    seeds = []
+    for seed, differences in per_seed:
+        differences = np.asarray(differences, dtype=np.float64)
+        half = Z_95 * float(differences.std(ddof=1)) / math.sqrt(len(differences)) if len(differences) > 1 else None
+        mean = float(differences.mean())
+        low, high = interval(mean, half)
+        seeds.append({"seed": int(seed), "mean": mean, "ci95_low": low, "ci95_high": high, "n": len(differences)})
+    means = np.array([entry["mean"] for entry in seeds])
+    mean = float(means.mean())
+    if len(seeds) > 1:
+        low, high = interval(mean, t_quantile_975(len(seeds) - 1) * float(means.std(ddof=1)) / math.sqrt(len(seeds)))
+        how = f"Student t over the {len(seeds)} per-seed paired means ({len(seeds) - 1} df)"
+    else:
+        low, high = seeds[0]["ci95_low"], seeds[0]["ci95_high"]
+        how = "one seed: normal over its episodes (seed variance not measured)"
+    return {"mean": mean, "ci95_low": low, "ci95_high": high, "n_seeds": len(seeds),
+            "n_episodes": int(min(entry["n"] for entry in seeds)), "interval": how, "per_seed": seeds}
+
+
+def seed_paired_difference(pairs: Sequence[tuple[float, float]]) -> dict[str, Any]:
+    """The difference of a per-run number (no per-episode values, e.g. discriminability) to m = 0, seed by
+    seed: mean and Student-t 95% CI over the per-seed differences; no CI with one seed."""
+    differences = np.array([value - zero for value, zero in pairs], dtype=np.float64)
+    stat = aggregate_seeds(differences.tolist())
+    low, high = interval(stat["mean"], stat["ci95"])
+    return {"mean": stat["mean"], "ci95_low": low, "ci95_high": high, "n_seeds": stat["n"],
+            "interval": "Student t over the per-seed differences" if stat["ci95"] is not None else "one seed: none"}
+
+
+def verdict(stat: dict[str, Any] | None, unit: str = "points", digits: int = 2) -> str:
+    """The one phrase every output uses for a difference to m = 0: "higher than m = 0 by d [lo, hi]" or
+    "lower ..." where the 95% CI excludes 0, "no detectable difference (d [lo, hi])" where it holds 0."""
+    if not stat or stat.get("mean") is None:
+        return "not measured"
+    mean, low, high = stat["mean"], stat.get("ci95_low"), stat.get("ci95_high")
+    span = f"{mean:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}] {unit}" if low is not None else \
+        f"{mean:+.{digits}f} {unit}, no CI"
+    if low is None:
+        return f"no CI to tell ({span})"
+    if low > 0:
+        return f"higher than m = 0 by {span}"
+    if high < 0:
+        return f"lower than m = 0 by {span}"
+    return f"no detectable difference ({span})"

@@ -27,7 +27,7 @@ envvars:
 
 
 from negmargin.pipeline import config as config_check
-from negmargin.pipeline.plan import PATHS, WILDCARD_CONSTRAINTS, Plan
+from negmargin.pipeline.plan import WILDCARD_CONSTRAINTS, Plan
 
 # Every key checked (one line per problem, naming the key) and every default filled in before any job runs.
 config_check.validate(
@@ -42,7 +42,8 @@ wildcard_constraints:
     **WILDCARD_CONSTRAINTS,
 
 
-# Path templates (negmargin.pipeline.plan.Paths), one per artifact.
+# Path templates (negmargin.pipeline.plan.Paths), one per artifact; a named config has its own folders.
+PATHS = P.paths
 PREPARED = PATHS.prepared
 TRAIN_SUMMARY = PATHS.train_summary
 SELECTION = PATHS.selection
@@ -50,9 +51,18 @@ FEATURES = PATHS.features
 METATEST = PATHS.metatest
 ANALYSIS = PATHS.analysis
 METRICS = PATHS.metrics
+TRAIN_LOGS = PATHS.train_logs
 TABLE = PATHS.table
 PLOTS = PATHS.plots
 SUMMARY = PATHS.summary
+LOG = PATHS.log
+BENCHMARK = PATHS.benchmark
+RELEASED_DOWNLOAD = PATHS.released_download
+RELEASED_CHECKPOINT = PATHS.released_checkpoint
+RELEASED_PROVENANCE = PATHS.released_provenance
+RELEASED_FEATURES = PATHS.released_features
+RELEASED_METATEST = PATHS.released_metatest
+RELEASED_TABLE = PATHS.released_table
 
 
 def out_dir(name):

@@ -7,9 +7,9 @@ rule prepare:
     output:
         prepared=PREPARED,
     log:
-        "logs/prepare/{dataset}.log",
+        LOG("prepare/{dataset}.log"),
     benchmark:
-        "benchmarks/prepare/{dataset}.tsv"
+        BENCHMARK("prepare/{dataset}.tsv")
     conda:
         "../../envs/torch.yaml"
     threads: P.threads("prepare")

@@ -9,9 +9,9 @@ rule select:
     output:
         selection=SELECTION,
     log:
-        "logs/select/{dataset}/{arch}/m{margin}/s{seed}/{shot}shot.log",
+        LOG("select/{dataset}/{arch}/m{margin}/s{seed}/{ckpt}_{shot}shot.log"),
     benchmark:
-        "benchmarks/select/{dataset}/{arch}/m{margin}/s{seed}/{shot}shot.tsv"
+        BENCHMARK("select/{dataset}/{arch}/m{margin}/s{seed}/{ckpt}_{shot}shot.tsv")
     conda:
         "../../envs/torch.yaml"
     threads: P.threads("select")
@@ -22,7 +22,7 @@ rule select:
         mode=config["selection_mode"],
     shell:
         "python -m negmargin select --train-dir {params.train_dir} --shot {wildcards.shot}"
-        " --mode {params.mode} --out {output.selection} > {log} 2>&1"
+        " --mode {params.mode} --pick {wildcards.ckpt} --out {output.selection} > {log} 2>&1"
 
 
 rule features:
@@ -32,9 +32,11 @@ rule features:
     output:
         features=FEATURES,
     log:
-        "logs/features/{dataset}/{arch}/m{margin}/s{seed}/{shot}shot_{split}.log",
+        LOG("features/{dataset}/{arch}/m{margin}/s{seed}/{ckpt}_{shot}shot_{split}.log"),
     benchmark:
-        "benchmarks/features/{dataset}/{arch}/m{margin}/s{seed}/{shot}shot_{split}.tsv"
+        BENCHMARK(
+            "features/{dataset}/{arch}/m{margin}/s{seed}/{ckpt}_{shot}shot_{split}.tsv"
+        )
     conda:
         "../../envs/torch.yaml"
     threads: P.threads("features")
@@ -60,9 +62,13 @@ rule metatest:
     output:
         result=METATEST,
     log:
-        "logs/metatest/{dataset}/{arch}/m{margin}/s{seed}/{shot}shot.log",
+        LOG(
+            "metatest/{dataset}/{arch}/m{margin}/s{seed}/{ckpt}_{ways}way_{shot}shot.log"
+        ),
     benchmark:
-        "benchmarks/metatest/{dataset}/{arch}/m{margin}/s{seed}/{shot}shot.tsv"
+        BENCHMARK(
+            "metatest/{dataset}/{arch}/m{margin}/s{seed}/{ckpt}_{ways}way_{shot}shot.tsv"
+        )
     conda:
         "../../envs/torch.yaml"
     threads: P.threads("metatest")
@@ -71,7 +77,7 @@ rule metatest:
     params:
         episodes=P.metatest_args,
     shell:
-        "python -m negmargin metatest --features {input.features} --shots {wildcards.shot}"
+        "python -m negmargin metatest --features {input.features} --ways {wildcards.ways} --shots {wildcards.shot}"
         " {params.episodes} --threads {threads} --out {output.result} > {log} 2>&1"
 
 
@@ -81,9 +87,9 @@ rule analyze:
     output:
         analysis=ANALYSIS,
     log:
-        "logs/analyze/{dataset}/{arch}/m{margin}/s{seed}.log",
+        LOG("analyze/{dataset}/{arch}/m{margin}/s{seed}/{ckpt}.log"),
     benchmark:
-        "benchmarks/analyze/{dataset}/{arch}/m{margin}/s{seed}.tsv"
+        BENCHMARK("analyze/{dataset}/{arch}/m{margin}/s{seed}/{ckpt}.tsv")
     conda:
         "../../envs/report.yaml"
     threads: P.threads("analyze")

@@ -7,10 +7,11 @@ rule metrics:
         P.run_outputs,
     output:
         metrics=METRICS,
+        train_logs=TRAIN_LOGS,
     log:
-        "logs/report/metrics.log",
+        LOG("report/metrics.log"),
     benchmark:
-        "benchmarks/report/metrics.tsv"
+        BENCHMARK("report/metrics.tsv")
     conda:
         "../../envs/report.yaml"
     threads: P.threads("report")
@@ -19,12 +20,14 @@ rule metrics:
     params:
         runs=P.run_dirs(),
     shell:
-        "python -m negmargin metrics --runs {params.runs} --out {output.metrics} > {log} 2>&1"
+        "python -m negmargin metrics --runs {params.runs} --out {output.metrics}"
+        " --train-logs {output.train_logs} > {log} 2>&1"
 
 
 rule table:
     input:
         metrics=METRICS,
+        train_logs=TRAIN_LOGS,
     output:
         table=report(
             TABLE,
@@ -33,9 +36,9 @@ rule table:
             labels={"dataset": "{dataset}"},
         ),
     log:
-        "logs/report/table_{dataset}.log",
+        LOG("report/table_{dataset}.log"),
     benchmark:
-        "benchmarks/report/table_{dataset}.tsv"
+        BENCHMARK("report/table_{dataset}.tsv")
     conda:
         "../../envs/report.yaml"
     threads: P.threads("report")
@@ -45,13 +48,24 @@ rule table:
         options=P.table_args,
     shell:
         "python -m negmargin table --metrics {input.metrics} --dataset {wildcards.dataset}"
-        " {params.options} --out {output.table} > {log} 2>&1"
+        " {params.options} --train-logs {input.train_logs} --out {output.table} > {log} 2>&1"
 
 
 rule plot_margins:
     input:
         metrics=METRICS,
     output:
+        delta=report(
+            f"{PLOTS}/delta_vs_margin.png",
+            caption="../report/delta_vs_margin.rst",
+            category="Margin analysis",
+            subcategory="{dataset} {arch}",
+            labels={
+                "dataset": "{dataset}",
+                "arch": "{arch}",
+                "figure": "difference to m = 0",
+            },
+        ),
         accuracy=report(
             f"{PLOTS}/accuracy_vs_margin.png",
             caption="../report/accuracy_vs_margin.rst",
@@ -71,7 +85,10 @@ rule plot_margins:
             },
         ),
         vectors=multiext(
-            f"{PLOTS}/", "accuracy_vs_margin.svg", "discriminability_vs_margin.svg"
+            f"{PLOTS}/",
+            "delta_vs_margin.svg",
+            "accuracy_vs_margin.svg",
+            "discriminability_vs_margin.svg",
         ),
         data=report(
             f"{PLOTS}/margin_analysis.csv",
@@ -82,9 +99,9 @@ rule plot_margins:
         ),
         sweep=f"{PLOTS}/margin_sweep.csv",
     log:
-        "logs/report/plot_margins_{dataset}_{arch}.log",
+        LOG("report/plot_margins_{dataset}_{arch}.log"),
     benchmark:
-        "benchmarks/report/plot_margins_{dataset}_{arch}.tsv"
+        BENCHMARK("report/plot_margins_{dataset}_{arch}.tsv")
     conda:
         "../../envs/report.yaml"
     threads: P.threads("report")
@@ -110,9 +127,9 @@ rule plot_tsne:
         vector=f"{PLOTS}/tsne_novel.svg",
         data=f"{PLOTS}/tsne.csv",
     log:
-        "logs/report/plot_tsne_{dataset}_{arch}.log",
+        LOG("report/plot_tsne_{dataset}_{arch}.log"),
     benchmark:
-        "benchmarks/report/plot_tsne_{dataset}_{arch}.tsv"
+        BENCHMARK("report/plot_tsne_{dataset}_{arch}.tsv")
     conda:
         "../../envs/report.yaml"
     threads: P.threads("report")
@@ -133,9 +150,9 @@ rule summary:
     output:
         summary=report(SUMMARY, caption="../report/summary.rst", category="Summary"),
     log:
-        "logs/report/summary.log",
+        LOG("report/summary.log"),
     benchmark:
-        "benchmarks/report/summary.tsv"
+        BENCHMARK("report/summary.tsv")
     conda:
         "../../envs/report.yaml"
     threads: P.threads("report")

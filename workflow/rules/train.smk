@@ -1,4 +1,5 @@
-# Stage 2: one training run per (dataset, arch, margin, seed). train.json is written last, so its presence
+# Stage 2: one training run per (dataset, arch, margin, seed); `arch` is a model of the config's `archs` (a
+# backbone, optionally with a -<variant> suffix such as conv4-softmax). train.json is written last, so its presence
 # means the run finished; checkpoints and logs beside it are not declared, so an interrupted run resumes
 # from train/last.pt when the job is run again.
 
@@ -9,9 +10,9 @@ rule train:
     output:
         summary=TRAIN_SUMMARY,
     log:
-        "logs/train/{dataset}/{arch}/m{margin}/s{seed}.log",
+        LOG("train/{dataset}/{arch}/m{margin}/s{seed}.log"),
     benchmark:
-        "benchmarks/train/{dataset}/{arch}/m{margin}/s{seed}.tsv"
+        BENCHMARK("train/{dataset}/{arch}/m{margin}/s{seed}.tsv")
     conda:
         "../../envs/torch.yaml"
     threads: P.threads("train")
@@ -23,6 +24,6 @@ rule train:
         out=out_dir("summary"),
         options=P.train_args,
     shell:
-        "python -m negmargin train --data {params.data} --arch {wildcards.arch}"
-        " --margin={wildcards.margin} --seed {wildcards.seed} {params.options}"
+        "python -m negmargin train --data {params.data} --margin={wildcards.margin}"
+        " --seed {wildcards.seed} {params.options}"
         " --threads {threads} --out {params.out} > {log} 2>&1"

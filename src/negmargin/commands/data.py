@@ -34,7 +34,7 @@ def _download(args: argparse.Namespace) -> None:
 
     source = settings.from_namespace(SourceConfig, args)
     path = download(args.url, args.out, **source.checks, mirrors=source.mirrors, retries=source.retries,
-                    backoff=source.backoff, timeout=source.timeout)
+                    backoff=source.backoff, timeout=source.timeout, sha256_prefix=args.sha256_prefix)
     print(path)
 
 
@@ -70,4 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     down.add_argument("--out", required=True, metavar="FILE", help="where the verified file goes")
     settings.add_arguments(down, SourceConfig, names=["md5", "sha256", "size", "mirrors", "retries", "backoff",
                                                       "timeout"])
+    down.add_argument("--sha256-prefix", default=None, metavar="HEX",
+                      help="the leading hex digits of the file's sha256, where that is all the publisher states "
+                      "(OpenMMLab's 8 before .pth in a released file name)")
     down.set_defaults(func=_download)

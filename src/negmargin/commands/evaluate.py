@@ -1,4 +1,5 @@
-"""Stage 3, evaluation: `negmargin features`, `negmargin metatest` and `negmargin analyze`."""
+"""Stage 3, evaluation: `negmargin features`, `negmargin metatest`, `negmargin analyze`, and
+`negmargin import-mmfewshot` (a released mmfewshot model as a checkpoint the others accept)."""
 
 from __future__ import annotations
 
@@ -63,8 +64,20 @@ def _analyze(args: argparse.Namespace) -> None:
     write_json(args.out, result)
     ratios = [result[key]["ratio"] for key in ("base_discriminability", "novel_discriminability")]
     base_ratio, novel_ratio = ("undefined" if ratio is None else f"{ratio:.4g}" for ratio in ratios)
+    margin = "unknown" if result["margin"] is None else f"{result['margin']:g}"
     print(f"base accuracy {result['base_accuracy']:.2f} ± {result['base_accuracy_ci95']:.2f} % "
-          f"({result['n_base']} images); discriminability base {base_ratio}, novel {novel_ratio} -> {args.out}")
+          f"({result['n_base']} images); discriminability base {base_ratio}, novel {novel_ratio}; "
+          f"training margin {margin} -> {args.out}")
+
+
+def _import_mmfewshot(args: argparse.Namespace) -> None:
+    from negmargin.models.mmfewshot import import_mmfewshot, provenance_path
+
+    record = import_mmfewshot(Path(args.src), args.arch, Path(args.out), args.dataset)
+    margin = "unknown" if record["margin"] is None else f"{record['margin']:g}"
+    print(f"{args.src}: {record['arch']} of {record['dataset'] or 'an unknown dataset'}, head "
+          f"{record['head_shape'][0]}x{record['head_shape'][1]}, margin {margin}, sha256 "
+          f"{record['source_sha256'][:12]}... -> {args.out} (provenance {provenance_path(Path(args.out))})")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -108,3 +121,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     analyze.add_argument("--out", required=True, help="output JSON, e.g. RUN/analysis.json")
     analyze.add_argument("--device", default="cpu", help="torch device of the head (default: cpu)")
     analyze.set_defaults(func=_analyze)
+
+    imported = subparsers.add_parser(
+        "import-mmfewshot", help="convert a released mmfewshot Neg-Margin checkpoint into a negmargin checkpoint",
+        description="Read an mmcv checkpoint of mmfewshot's NegMargin model (weights_only: tensors, plain "
+        "containers and numpy scalars only), map every tensor onto our backbone and head (every key used, every "
+        "shape equal), check the sha256 prefix in a released file name, and write DST.pt (for `negmargin "
+        "features` and `analyze`) and DST.provenance.json. Bad input: one line, exit 2, nothing written.",
+    )
+    imported.add_argument("src", metavar="SRC.pth", help="the mmfewshot checkpoint, e.g. "
+                          "neg-margin_cosine_conv4_1xb64_cub_5way-1shot_20211120_100620-5415a152.pth")
+    # Values are checked by the importer, so a wrong one gets the verb's one-line error.
+    imported.add_argument("--arch", required=True, metavar="{conv4,resnet12}", help="the backbone the file holds")
+    imported.add_argument("--dataset", default=None, metavar="{cub,mini-imagenet,tiered-imagenet}",
+                          help="the training dataset (default: what the file's meta config or released name "
+                          "says); fixes the order of the head rows, needed by `analyze`")
+    imported.add_argument("--out", required=True, metavar="DST.pt", help="the negmargin checkpoint to write")
+    imported.set_defaults(func=_import_mmfewshot)

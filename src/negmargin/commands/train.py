@@ -22,12 +22,22 @@ def _train(args: argparse.Namespace) -> None:
     print(f"trained {summary['final_epoch']} epochs into {args.out}; best: {best}")
 
 
-def selection(train_dir: Path, shot: int, mode: str) -> dict:
-    """The checkpoint that serves ``shot``-shot meta-tests: under ``shared`` the one chosen by the run's
-    first validation shot (mmfewshot: 1-shot), under ``per-shot`` the one chosen by ``shot``-shot validation."""
+def selection(train_dir: Path, shot: int, mode: str, pick: str = "best") -> dict:
+    """The checkpoint that serves ``shot``-shot meta-tests. ``pick`` `final`: the last epoch's (last.pt).
+    ``pick`` `best`: under ``shared`` the one chosen by the run's first validation shot (mmfewshot: 1-shot),
+    under ``per-shot`` the one chosen by ``shot``-shot validation."""
     from negmargin.io import read_json
 
     summary = read_json(train_dir / "train.json")
+    if pick == "final":
+        checkpoint = train_dir / "last.pt"
+        if not checkpoint.is_file():
+            raise UserError(f"{checkpoint}: the last epoch's checkpoint is missing")
+        last_val = next((row["val"] for row in reversed(summary.get("history") or []) if row.get("val")), {})
+        first = next(iter(last_val.values()), {})
+        return {"checkpoint": str(checkpoint), "shot": shot, "mode": mode, "pick": pick, "val_shot": None,
+                "epoch": summary.get("final_epoch"), "val_accuracy": first.get("accuracy"),
+                "val_ci95": first.get("ci95"), "rule": "the last epoch's checkpoint"}
     val_shots = (summary.get("config") or {}).get("val_shots") or [1]
     val_shot = str(val_shots[0] if mode == "shared" else shot)
     best = (summary.get("best") or {}).get(val_shot)
@@ -41,6 +51,7 @@ def selection(train_dir: Path, shot: int, mode: str) -> dict:
         "checkpoint": str(checkpoint),
         "shot": shot,
         "mode": mode,
+        "pick": pick,
         "val_shot": int(val_shot),
         "epoch": best["epoch"],
         "val_accuracy": best["val_accuracy"],
@@ -52,11 +63,10 @@ def selection(train_dir: Path, shot: int, mode: str) -> dict:
 def _select(args: argparse.Namespace) -> None:
     from negmargin.io import write_json
 
-    mode = settings.from_namespace(SelectConfig, args).selection_mode
-    chosen = selection(Path(args.train_dir), args.shot, mode)
+    options = settings.from_namespace(SelectConfig, args)
+    chosen = selection(Path(args.train_dir), args.shot, options.selection_mode, options.pick)
     write_json(args.out, chosen)
-    print(f"{args.shot}-shot uses {chosen['checkpoint']} (epoch {chosen['epoch']}, "
-          f"{chosen['val_shot']}-shot val {chosen['val_accuracy']:.2f})")
+    print(f"{args.shot}-shot uses {chosen['checkpoint']} ({chosen['rule']}, epoch {chosen['epoch']})")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

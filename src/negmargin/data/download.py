@@ -88,9 +88,12 @@ def file_digests(path: str | os.PathLike, label: str | None = None, interval: fl
 
 
 def check_digests(
-    what: str, actual: Digests, md5: str | None = None, sha256: str | None = None, size: int | None = None
+    what: str, actual: Digests, md5: str | None = None, sha256: str | None = None, size: int | None = None,
+    sha256_prefix: str | None = None,
 ) -> None:
-    """Raise UserError naming ``what`` with expected and actual values if anything differs."""
+    """Raise UserError naming ``what`` with expected and actual values if anything differs.
+    ``sha256_prefix``: the first hex digits of the sha256 (all a publisher states, e.g. OpenMMLab's 8 in a
+    file name)."""
     problems = []
     if size is not None and int(size) != actual.size:
         problems.append(f"size is {actual.size} bytes, expected {int(size)}")
@@ -98,12 +101,16 @@ def check_digests(
         problems.append(f"md5 is {actual.md5}, expected {md5.lower()}")
     if sha256 and sha256.lower() != actual.sha256:
         problems.append(f"sha256 is {actual.sha256}, expected {sha256.lower()}")
+    if sha256_prefix and not actual.sha256.startswith(sha256_prefix.lower()):
+        problems.append(f"sha256 is {actual.sha256[:len(sha256_prefix)]}..., expected it to start with "
+                        f"{sha256_prefix.lower()}")
     if problems:
         raise UserError(f"{what}: {'; '.join(problems)}")
 
 
 def verify_file(
-    path: str | os.PathLike, md5: str | None = None, sha256: str | None = None, size: int | None = None
+    path: str | os.PathLike, md5: str | None = None, sha256: str | None = None, size: int | None = None,
+    sha256_prefix: str | None = None,
 ) -> Digests:
     """Check a local file against the given size/checksums; returns what was measured."""
     path = Path(path)
@@ -113,7 +120,7 @@ def verify_file(
         # Cheap check first: no need to hash 100 GB to learn that the size is wrong.
         raise UserError(f"{path}: size is {path.stat().st_size} bytes, expected {int(size)}")
     digests = file_digests(path)
-    check_digests(str(path), digests, md5, sha256, size)
+    check_digests(str(path), digests, md5, sha256, size, sha256_prefix)
     return digests
 
 
@@ -137,11 +144,13 @@ class _Permanent(Exception):
     """A failure that retrying the same source will not fix (404, 403, wrong content)."""
 
 
-def _validate_checksum_args(md5: str | None, sha256: str | None) -> None:
+def _validate_checksum_args(md5: str | None, sha256: str | None, sha256_prefix: str | None = None) -> None:
     if md5 is not None and not re.fullmatch(r"[0-9a-fA-F]{32}", md5):
         raise UserError(f"md5 must be 32 hex digits, got {md5!r}")
     if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", sha256):
         raise UserError(f"sha256 must be 64 hex digits, got {sha256!r}")
+    if sha256_prefix is not None and not re.fullmatch(r"[0-9a-fA-F]{4,64}", sha256_prefix):
+        raise UserError(f"sha256 prefix must be 4 to 64 hex digits, got {sha256_prefix!r}")
 
 
 def _open(url: str, offset: int, timeout: float) -> http.client.HTTPResponse:
@@ -258,9 +267,10 @@ def _download(
     backoff: float = SourceConfig.backoff,
     timeout: float = SourceConfig.timeout,
     progress_interval: float = 30.0,
+    sha256_prefix: str | None = None,
 ) -> tuple[Path, Digests]:
     """As :func:`download`, also returning the measured digests."""
-    _validate_checksum_args(md5, sha256)
+    _validate_checksum_args(md5, sha256, sha256_prefix)
     if size is not None and int(size) < 0:
         raise UserError(f"size must be >= 0, got {size}")
     size = int(size) if size is not None else None
@@ -268,7 +278,7 @@ def _download(
         path = local_path(url)
         if not path.is_file():
             raise UserError(f"{path}: file not found")
-        return path, verify_file(path, md5, sha256, size)
+        return path, verify_file(path, md5, sha256, size, sha256_prefix)
 
     out = Path(out)
     aside = set_aside_path(out)
@@ -276,7 +286,7 @@ def _download(
         os.replace(aside, out)
     if out.is_file():
         try:
-            return out, verify_file(out, md5, sha256, size)
+            return out, verify_file(out, md5, sha256, size, sha256_prefix)
         except UserError as exc:
             # Maybe a file the user put there by hand: kept aside, not deleted, until a new one verifies.
             os.replace(out, aside)
@@ -285,7 +295,7 @@ def _download(
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         digests = _download_sources(url, out, md5, sha256, size, mirrors, retries, backoff, timeout,
-                                    progress_interval)
+                                    progress_interval, sha256_prefix)
     except BaseException:
         if aside.is_file() and not out.exists():
             os.replace(aside, out)
@@ -311,6 +321,7 @@ def _download_sources(
     backoff: float,
     timeout: float,
     progress_interval: float,
+    sha256_prefix: str | None = None,
 ) -> Digests:
     """Fetch ``url`` (then each mirror) into ``<out>.part`` and rename it onto ``out`` once it verifies."""
     part = out.with_name(out.name + ".part")
@@ -332,7 +343,7 @@ def _download_sources(
         progress.close()
         digests = file_digests(part, label=f"checksum {out.name}")
         try:
-            check_digests(f"download of {source}", digests, md5, sha256, size)
+            check_digests(f"download of {source}", digests, md5, sha256, size, sha256_prefix)
         except UserError as exc:
             part.unlink(missing_ok=True)
             failures.append(str(exc))
@@ -359,12 +370,14 @@ def download(
     backoff: float = SourceConfig.backoff,
     timeout: float = SourceConfig.timeout,
     progress_interval: float = 30.0,
+    sha256_prefix: str | None = None,
 ) -> Path:
     """Download ``url`` to ``out``, verified; returns the path of the verified file.
 
-    * ``md5`` / ``sha256`` / ``size``: checked before the file gets its final name; on a mismatch the
-      partial file is deleted and the next mirror is tried, and if none is left a UserError gives the
-      expected and actual values.
+    * ``md5`` / ``sha256`` / ``sha256_prefix`` / ``size``: checked before the file gets its final name; on a
+      mismatch the partial file is deleted and the next mirror is tried, and if none is left a UserError
+      gives the expected and actual values. ``sha256_prefix``: the leading hex digits of the sha256, where
+      that is all the publisher states (OpenMMLab's 8 in a released file name).
     * ``mirrors``: tried in order after ``url`` when it fails for good.
     * ``retries``: further attempts per source after a transient failure, waiting ``backoff * 2**(k-1)``
       seconds (at most 60) before the k-th retry. An attempt that received bytes does not count and is
@@ -386,6 +399,7 @@ def download(
         backoff=backoff,
         timeout=timeout,
         progress_interval=progress_interval,
+        sha256_prefix=sha256_prefix,
     )
     return path
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import pickle
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -68,24 +66,10 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``; UserError if it is missing or not ours."""
+    from negmargin.io import torch_load_weights_only
+
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # weights_only=True unpickles tensors and plain containers only: anything else could run code.
-        found = re.search(r"GLOBAL (\S+)", str(exc))
-        what = f" ({found.group(1)})" if found else ""
-        raise UserError(
-            f"{path}: refused: it holds a pickled Python object{what}, and checkpoints are loaded with "
-            "weights_only=True (tensors and plain containers only); re-save it with negmargin"
-        ) from None
-    except Exception as exc:  # torch raises many kinds here: all mean "not a readable checkpoint"
-        first = (str(exc).strip().splitlines() or [""])[0].split(". ")[0][:200]
-        raise UserError(
-            f"{path}: not a readable checkpoint, truncated or not a torch file ({type(exc).__name__}: {first})"
-        ) from None
+    ckpt = torch_load_weights_only(path, advice="; re-save it with negmargin")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path}: not a negmargin checkpoint (format tag {CHECKPOINT_FORMAT!r} missing)")
     return ckpt

@@ -18,17 +18,18 @@ The file is untrusted: it is read with ``torch.load(weights_only=True)``. mmcv's
 scalars (the best validation score), so numpy's scalar and dtype classes, and nothing else, are allowed on
 top of torch's tensors and plain containers.
 
-Wiring (not done here): the CLI verb
-``negmargin import-mmfewshot SRC.pth --arch {conv4,resnet12} [--dataset {cub,mini-imagenet,tiered-imagenet}]
---out DST.pt`` should call ``import_mmfewshot(Path(SRC), arch, Path(DST), dataset)`` and print the returned
-summary's ``checkpoint`` and ``provenance`` paths. DST then works with ``negmargin features`` and
-``negmargin analyze`` like a checkpoint written by training.
+The verb ``negmargin import-mmfewshot SRC.pth --arch {conv4,resnet12} [--dataset {cub,mini-imagenet,
+tiered-imagenet}] --out DST.pt`` (negmargin.commands.evaluate) calls :func:`import_mmfewshot`. DST then works
+with ``negmargin features`` and ``negmargin analyze`` like a checkpoint written by training: the head rows
+carry our class names in mmfewshot's label order (:func:`head_class_names`), which analyze maps by name.
 """
 
 from __future__ import annotations
 
-import pickle
+import csv
+import io
 import re
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ import torch
 
 from negmargin import __version__
 from negmargin.errors import UserError
-from negmargin.io import sha256_file, torch_save, write_json
+from negmargin.io import sha256_file, torch_load_weights_only, torch_save, write_json
 from negmargin.models import CHECKPOINT_FORMAT, Classifier, ModelSpec
 
 PROVENANCE_FORMAT = "negmargin-mmfewshot-import/1"
@@ -62,6 +63,9 @@ DATASET_ALIASES = {
 MMFEWSHOT_DATASETS = {"CUBDataset": "cub", "MiniImageNetDataset": "mini_imagenet",
                       "TieredImageNetDataset": "tiered_imagenet"}
 MMFEWSHOT_BACKBONES = {"Conv4": "conv4", "ResNet12": "resnet12"}
+# mmfewshot's label order of each dataset's base classes (package data under negmargin/data/splits/).
+MMFEWSHOT_CLASS_ORDER = {"cub": "mmfewshot/cub_train.csv", "mini_imagenet": "mmfewshot/mini_imagenet_train.csv",
+                         "tiered_imagenet": "mmfewshot/tiered_imagenet_train.csv"}
 # Rows of the training head in mmfewshot's neg_margin configs (num_classes of ``head``).
 RELEASED_HEAD_ROWS = {"cub": 100, "mini_imagenet": 100, "tiered_imagenet": 351}
 # Training margins of the released models, from configs/classification/neg_margin/<dataset>/
@@ -149,22 +153,9 @@ def _safe_meta_globals() -> list[Any]:
 
 def read_mmfewshot_file(path: Path) -> dict[str, Any]:
     """The unpickled mmcv checkpoint (tensors, plain containers, numpy scalars only); UserError otherwise."""
-    if not path.is_file():
-        raise UserError(f"{path}: file not found (expected an mmfewshot .pth checkpoint)")
-    try:
-        with torch.serialization.safe_globals(_safe_meta_globals()):
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        found = re.search(r"GLOBAL (\S+)", str(exc)) or re.search(r"function (<[^>]+>|\S+)", str(exc))
-        what = f" ({found.group(1)})" if found else ""
-        raise UserError(
-            f"{path}: refused: it holds a pickled Python object{what}; downloaded checkpoints are loaded "
-            "with weights_only=True (tensors, plain containers and numpy scalars only)"
-        ) from None
-    except Exception as exc:  # torch raises many kinds here: all mean "not a readable checkpoint"
-        first = (str(exc).strip().splitlines() or [""])[0].split(". ")[0][:200]
-        raise UserError(f"{path}: not a readable checkpoint, truncated or not a torch file "
-                        f"({type(exc).__name__}: {first})") from None
+    payload = torch_load_weights_only(path, allowed=_safe_meta_globals(),
+                                      accepted="tensors, plain containers and numpy scalars only",
+                                      advice="; a downloaded file is never unpickled beyond that")
     if not isinstance(payload, dict) or not isinstance(payload.get("state_dict"), dict):
         kind = "a dict without 'state_dict'" if isinstance(payload, dict) else f"a {type(payload).__name__}"
         raise UserError(f"{path}: not an mmcv checkpoint (it holds {kind}; expected a dict with "
@@ -264,6 +255,40 @@ def _agree(path: Path, what: str, sources: dict[str, Any]) -> tuple[Any, str | N
     return None, None
 
 
+# ------------------------------------------------------------------------------------------ head-row order
+
+
+def mmfewshot_base_classes(dataset: str) -> list[tuple[str, str]]:
+    """(our class name, mmfewshot's class name) of every row of mmfewshot's ``dataset`` head, in its label
+    order: the dataset's train classes as ``mmfewshot/classification/datasets/<dataset>.py`` lists them
+    (committed as ``negmargin/data/splits/mmfewshot/<dataset>_train.csv``; see the splits README)."""
+    text = resources.files("negmargin.data").joinpath("splits", *MMFEWSHOT_CLASS_ORDER[dataset].split("/"))
+    rows = list(csv.DictReader(io.StringIO(text.read_text(encoding="utf-8"))))
+    return [(row["class"], row["mmfewshot_class"]) for row in rows]
+
+
+def head_class_names(src: Path, dataset: str | None, meta_classes: list[str] | None
+                     ) -> tuple[list[str] | None, str]:
+    """Our class name of each head row (None when unknown) and where that order comes from.
+
+    mmfewshot labels the base classes in its own order, which is not ours (mini-ImageNet: n02074367 first,
+    Ravi's train.csv n01532829), so row i of the head is not our base class i. The file's meta CLASSES says
+    the order (mmfewshot's names, e.g. tiered-ImageNet's WordNet words: translated to ours); without it,
+    mmfewshot's dataset module does, when the dataset is known."""
+    table = mmfewshot_base_classes(dataset) if dataset in MMFEWSHOT_CLASS_ORDER else None
+    if meta_classes is None:
+        if table is None:
+            return None, "unknown"
+        return [ours for ours, _ in table], f"mmfewshot's {dataset} train classes ({MMFEWSHOT_CLASS_ORDER[dataset]})"
+    if table is None:
+        return list(meta_classes), "meta CLASSES"
+    ours_of = {theirs: ours for ours, theirs in table}
+    unknown = [name for name in meta_classes if name not in ours_of]
+    if unknown:
+        raise UserError(f"{src}: meta CLASSES names {unknown[0]!r}, not a base class of mmfewshot's {dataset}")
+    return [ours_of[name] for name in meta_classes], "meta CLASSES"
+
+
 # ---------------------------------------------------------------------------------------------- mapping
 
 
@@ -320,9 +345,12 @@ def import_mmfewshot(src: Path, arch: str, dst: Path, dataset: str | None = None
     src, dst = Path(src), Path(dst)
     if arch not in MMFEWSHOT_BACKBONES.values():
         raise UserError(f"unknown arch {arch!r}; expected conv4 or resnet12")
-    payload = read_mmfewshot_file(src)
+    if not src.is_file():
+        raise UserError(f"{src}: checkpoint not found")
+    # The checksum first: a damaged download is reported as such, before it fails to unpickle.
     digest = sha256_file(src)
     prefix_checked = check_release_sha256(src, digest)
+    payload = read_mmfewshot_file(src)
     state = payload["state_dict"]
     meta = payload.get("meta") if isinstance(payload.get("meta"), dict) else {}
 
@@ -366,6 +394,7 @@ def import_mmfewshot(src: Path, arch: str, dst: Path, dataset: str | None = None
         if len(class_names) > num_classes:
             raise UserError(f"{src}: meta CLASSES lists {len(class_names)} classes, more than the head's "
                             f"{num_classes} rows")
+    head_classes, head_order_from = head_class_names(src, dataset_name, class_names)
 
     # margin only shifts training logits; an unknown one is recorded as None in the config (0.0 in the spec,
     # which needs a number and does not change features or inference logits).
@@ -396,9 +425,11 @@ def import_mmfewshot(src: Path, arch: str, dst: Path, dataset: str | None = None
         "metric": spec.metric,
         "margin": margin,
         "margin_from": margin_source or "unknown",
+        "head_class_order": head_order_from,
         "temperature": spec.temperature,
         "temperature_from": ("the meta config" if "temperature" in from_config
                              else "mmfewshot's neg_margin configs"),
+        "image_size": IMAGE_SIZE,
         "tensors_mapped": len(mapped),
         "ignored_keys": [key for key in IGNORED_KEYS if key in state],
         "had_optimizer": "optimizer" in payload,
@@ -406,9 +437,12 @@ def import_mmfewshot(src: Path, arch: str, dst: Path, dataset: str | None = None
         "checkpoint": dst.name,
         "negmargin_version": __version__,
     }
+    # channels_last False: `negmargin features` then runs the backbone in mmfewshot's own memory format
+    # (NCHW), which gives the mmfewshot module's features bit for bit on the CPU; channels_last is faster but
+    # moves float32 features by up to ~1e-5 of their size, and this checkpoint exists to check published numbers.
     config: dict[str, Any] = {"arch": arch, "metric": spec.metric, "margin": margin,
                               "temperature": spec.temperature, "image_size": IMAGE_SIZE,
-                              "num_classes": num_classes, "channels_last": True, "source": "mmfewshot"}
+                              "num_classes": num_classes, "channels_last": False, "source": "mmfewshot"}
     if dataset_name is not None:
         config = {"dataset": dataset_name, **config}
     checkpoint: dict[str, Any] = {
@@ -419,9 +453,10 @@ def import_mmfewshot(src: Path, arch: str, dst: Path, dataset: str | None = None
         "model": model.state_dict(),
         "provenance": provenance,
     }
-    if class_names is not None:
-        # mmfewshot's label order: row i of the head is CLASSES[i].
-        checkpoint["base_class_names"] = list(class_names)
+    if head_classes is not None:
+        # Row i of the head is head_classes[i] (mmfewshot's label order, in our class names): analyze maps
+        # each base class to its row by name.
+        checkpoint["base_class_names"] = head_classes
     # Provenance first: a checkpoint that exists always has its record beside it.
     write_json(provenance_path(dst), provenance)
     torch_save(dst, checkpoint)

@@ -23,6 +23,7 @@ from negmargin import settings
 from negmargin.datasets import DATASETS, EPISODE_SPLITS, DatasetSpec
 from negmargin.options import (
     ARCHS,
+    MODEL_PATTERN,
     ComputeConfig,
     EpisodeConfig,
     FeatureConfig,
@@ -61,19 +62,31 @@ def prepare_schema(spec: DatasetSpec) -> dict[str, Any]:
     return schema
 
 
+def grid_schema(declared: settings.Field, description: str, default: list) -> dict[str, Any]:
+    """A config list of values of one declared setting: one job per entry."""
+    return {"description": description, "type": "array", "items": _without_docs(settings.field_schema(declared)),
+            "minItems": 1, "uniqueItems": True, "default": default}
+
+
+GRIDS = {  # metatest.<key>: (class, field, description, default)
+    "ways": (EpisodeConfig, "ways", "classes per episode; one meta-test per entry. The first is also the "
+             "validation's (`--val-ways`).", [5]),
+    "shots": (EpisodeConfig, "shots", "support images per class; one meta-test per entry. The first is the "
+              "validation shot under selection_mode `shared`.", [1, 5]),
+    "checkpoints": (SelectConfig, "pick", "which checkpoints of each run are meta-tested and analysed: `best` "
+                    "(best validation accuracy, the paper's rule) and/or `final` (the last epoch's).", ["best"]),
+}
+
+
 def declared_definitions() -> dict[str, Any]:
     """The ``$defs`` that come from the declarations."""
-    shots = settings.field_of(EpisodeConfig, "shots")
     metatest = settings.json_schema(EpisodeConfig, "metatest")
-    metatest["properties"]["shots"] = {
-        "description": "support images per class; one meta-test per entry. The first is the validation shot "
-        "under selection_mode `shared`.",
-        "type": "array", "items": _without_docs(settings.field_schema(shots)), "minItems": 1, "uniqueItems": True,
-        "default": [1, 5],
-    }
+    for key, (cls, name, description, default) in GRIDS.items():
+        metatest["properties"][key] = grid_schema(settings.field_of(cls, name), description, default)
     metatest["properties"]["finetune"] = {"$ref": "#/$defs/finetune", "default": {}}
     return {
-        "arch": {"enum": list(ARCHS)},
+        "arch": {"type": "string", "pattern": f"^(?:{MODEL_PATTERN})$",
+                 "description": f"a backbone ({', '.join(ARCHS)}), optionally with -<variant> (e.g. conv4-softmax)"},
         "margin": _without_docs(settings.field_schema(settings.field_of(TrainConfig, "margin"))),
         "train": settings.json_schema(TrainConfig, "train"),
         "compute": _merge(settings.json_schema(TrainConfig, "compute"), settings.json_schema(ComputeConfig)),
@@ -136,6 +149,8 @@ def schema_problem(error) -> str:
         expected = [expected] if isinstance(expected, str) else list(expected)
         if {"number", "integer"} & set(expected):
             message += " (write the number without quotes)"
+    elif error.validator == "pattern" and error.schema.get("description"):
+        message += f"; allowed: {error.schema['description']}"
     elif error.validator == "additionalProperties":
         allowed = sorted(error.schema.get("properties", {}))
         if allowed:
@@ -203,6 +218,10 @@ def shots(config: dict[str, Any]) -> list[int]:
     return [int(s) for s in config["metatest"]["shots"]]
 
 
+def ways(config: dict[str, Any]) -> list[int]:
+    return [int(w) for w in config["metatest"]["ways"]]
+
+
 def validation_shots(config: dict[str, Any]) -> list[int]:
     """The shots training validates on: the first meta-test shot under `shared`, every shot under `per-shot`."""
     return shots(config)[:1] if config["selection_mode"] == "shared" else shots(config)
@@ -240,13 +259,13 @@ def split_facts(config: dict[str, Any], dataset: str, split: str, workdir: Path
 
 def _episode_problems(config: dict[str, Any], dataset: str, workdir: Path) -> Iterator[str]:
     """Ways against the classes of the val and novel splits; shots + queries against images per class."""
-    test = config["metatest"]
-    ways, queries = int(test["ways"]), int(test["queries"])
+    queries = int(config["metatest"]["queries"])
     for split in EPISODE_SPLITS:
         split_shots = validation_shots(config) if split == "val" else shots(config)
+        most_ways = ways(config)[0] if split == "val" else max(ways(config))
         classes, classes_why, per_class, per_class_why = split_facts(config, dataset, split, workdir)
-        if classes is not None and ways > classes:
-            yield (f"metatest.ways is {ways}, but the {split} split of {dataset} has {classes} classes{classes_why}; "
+        if classes is not None and most_ways > classes:
+            yield (f"metatest.ways {most_ways}: the {split} split of {dataset} has {classes} classes{classes_why}; "
                    f"allowed: 2 to {classes}")
         most = max(split_shots)
         if per_class is not None and most + queries > per_class:
@@ -270,16 +289,23 @@ def cross_checks(config: dict[str, Any], workdir: Path) -> Iterator[str]:
         for arch in archs:
             if arch not in block["train"]:
                 yield f"datasets.{name}.train has no block for arch {arch!r}"
+        seeds = block["seeds"]
+        if isinstance(seeds, dict) and set(archs) - set(seeds):
+            yield f"datasets.{name}.seeds lacks archs {sorted(set(archs) - set(seeds))}"
         for key in ("margins", "table_margin"):
             if isinstance(block.get(key), dict):
                 missing = set(archs) - set(block[key])
                 if missing:
                     yield f"datasets.{name}.{key} lacks archs {sorted(missing)}"
-        for arch, by_shot in block["references"]["accuracy"].items():
-            if arch not in archs:
-                yield f"datasets.{name}.references.accuracy names arch {arch!r}, not in archs"
-            elif set(map(int, by_shot)) - set(shots(config)):
-                yield f"datasets.{name}.references.accuracy.{arch} names shots not in metatest.shots"
+        for key in ("accuracy", "std"):
+            for arch, by_shot in block["references"][key].items():
+                if arch not in archs:
+                    yield f"datasets.{name}.references.{key} names arch {arch!r}, not in archs"
+                elif set(map(int, by_shot)) - set(shots(config)):
+                    yield f"datasets.{name}.references.{key}.{arch} names shots not in metatest.shots"
+        names = [url.rsplit("/", 1)[-1] for model in block["released"]["models"].values() for url in model.values()]
+        if len(set(names)) < len(names):
+            yield f"datasets.{name}.released.models: two files share a name; each is downloaded under its own"
         table_margin = block["table_margin"]
         for arch in archs:
             chosen = table_margin.get(arch) if isinstance(table_margin, dict) else table_margin

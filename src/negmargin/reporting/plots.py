@@ -19,18 +19,18 @@ import numpy as np
 from negmargin.analysis import l2_normalize
 from negmargin.errors import UserError
 from negmargin.io import atomic_path, load_features, write_text
-from negmargin.reporting.tables import dataset_runs, format_margin
+from negmargin.reporting.markdown import format_margin
+from negmargin.reporting.metrics import dataset_runs, task_of
+from negmargin.reporting.summary import task_name
 
 DPI = 150
 EXACT_TSNE_MAX = 1000
-MARGIN_CSV_FIELDS = ("margin", "series", "mean", "ci_low", "ci_high", "n_seeds")
+MARGIN_CSV_FIELDS = ("checkpoint", "quantity", "margin", "mean", "ci_low", "ci_high", "n_seeds", "seed_values",
+                     "delta", "delta_ci_low", "delta_ci_high")
 TSNE_CSV_FIELDS = ("panel", "margin", "class", "x", "y")
-ACCURACY_SERIES = "base accuracy"
-DISCRIMINABILITY_SERIES = ("base discriminability", "novel discriminability")
-
-
-def novel_series(shot: int | str) -> str:
-    return f"novel {shot}-shot"
+BASE = "base accuracy"
+DISCRIMINABILITY = ("base discriminability", "novel discriminability")
+MIN_SEEDS_FOR_BAND = 3  # a Student-t band from fewer seeds says next to nothing: the seeds are drawn as points
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -79,152 +79,187 @@ def write_csv(path: str | os.PathLike, fields: Sequence[str], rows: Sequence[dic
 # ------------------------------------------------------------------------------------------- margin sweeps
 
 
-def margin_series(metrics: dict[str, Any], dataset: str, arch: str) -> list[dict[str, Any]]:
-    """Rows (margin, series, mean, ci_low, ci_high, n_seeds) of every number the margin plots show.
+def _quantities(entries: list[dict[str, Any]], pick: str) -> list[tuple[str, str, str]]:
+    """(name, key in the aggregate, key in paired_vs_zero) of every plotted quantity."""
+    tasks = sorted({t for e in entries for t in e["checkpoints"].get(pick, {}).get("tasks", {})}, key=task_of)
+    quantities = [(task_name(t), t, t) for t in tasks] + [(BASE, "base_accuracy", "base")]
+    return quantities + [(name, name.replace(" ", "_"), name.replace(" ", "_")) for name in DISCRIMINABILITY]
 
-    Series: ``base accuracy``, ``novel <k>-shot`` (every shot present), ``base discriminability`` and
-    ``novel discriminability`` (the inter/intra ratio). CI bounds are mean ± the across-seed Student-t
-    half-width, None with one seed. Margins where a number is missing contribute no row to that series.
-    """
+
+def margin_series(metrics: dict[str, Any], dataset: str, arch: str) -> list[dict[str, Any]]:
+    """Rows of every number the margin plots show: per checkpoint, quantity and margin the mean over seeds,
+    its Student-t CI (clipped to [0, 100] for accuracies; none below 3 seeds), the per-seed values, and the
+    paired difference to m = 0 with its CI."""
     runs = dataset_runs(metrics, dataset)
     if not any(run["arch"] == arch for run in runs):
         known = sorted({run["arch"] for run in runs})
         raise UserError(f"arch {arch!r} has no {dataset} runs in the metrics (it has: {', '.join(known)})")
     entries = sorted((entry for entry in metrics["aggregate"]
                       if entry["dataset"] == dataset and entry["arch"] == arch), key=lambda entry: entry["margin"])
-    shots = sorted({int(shot) for entry in entries for shot in entry["novel"]})
     rows = []
-
-    def add(series: str, entry: dict[str, Any], stat: dict[str, Any] | None) -> None:
-        if not stat or stat.get("mean") is None:
-            return
-        ci = stat.get("ci95")
-        rows.append({
-            "margin": entry["margin"], "series": series, "mean": stat["mean"],
-            "ci_low": None if ci is None else stat["mean"] - ci, "ci_high": None if ci is None else stat["mean"] + ci,
-            "n_seeds": stat["n"],
-        })
-
-    for entry in entries:
-        add(ACCURACY_SERIES, entry, entry.get("base_accuracy"))
-        for shot in shots:
-            add(novel_series(shot), entry, entry["novel"].get(str(shot)))
-        add(DISCRIMINABILITY_SERIES[0], entry, entry.get("base_discriminability"))
-        add(DISCRIMINABILITY_SERIES[1], entry, entry.get("novel_discriminability"))
+    for pick in ("best", "final"):
+        for name, key, paired_key in _quantities(entries, pick):
+            for entry in entries:
+                numbers = entry["checkpoints"].get(pick)
+                if numbers is None:
+                    continue
+                stat = numbers["tasks"].get(key) if key in numbers["tasks"] else numbers.get(key)
+                if not stat or stat.get("mean") is None:
+                    continue
+                low = high = None
+                if stat.get("ci95") is not None and stat["n"] >= MIN_SEEDS_FOR_BAND:
+                    low, high = stat["mean"] - stat["ci95"], stat["mean"] + stat["ci95"]
+                    if "discriminability" not in name:
+                        low, high = max(low, 0.0), min(high, 100.0)
+                paired = numbers.get("paired_vs_zero", {}).get(paired_key) or {}
+                zero = 0.0 if entry["margin"] == 0 else None
+                rows.append({
+                    "checkpoint": pick, "quantity": name, "margin": entry["margin"], "mean": stat["mean"],
+                    "ci_low": low, "ci_high": high, "n_seeds": stat["n"],
+                    "seed_values": " ".join(f"{v:.4f}" for v in stat.get("values", [])),
+                    "delta": paired.get("mean", zero), "delta_ci_low": paired.get("ci95_low", zero),
+                    "delta_ci_high": paired.get("ci95_high", zero),
+                })
     return rows
 
 
 def _margin_axis(ax, metric: str | None) -> None:
     from matplotlib.ticker import MaxNLocator, StrMethodFormatter
 
-    ax.axvline(0.0, linestyle=":", color="0.35", linewidth=1.2, label="m = 0")
+    ax.axvline(0.0, linestyle=":", color="0.35", linewidth=1.2)
     ax.set_xlabel("margin m (logit units)" if metric == "softmax" else "margin m (cosine units)")
-    ax.xaxis.set_major_locator(MaxNLocator(nbins=6))
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=7))
     ax.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
 
 
-def _draw_series(ax, rows: list[dict[str, Any]], series: str, label: str, color, marker: str) -> None:
-    points = [row for row in rows if row["series"] == series]
-    if not points:
-        return
-    margins = np.array([row["margin"] for row in points], dtype=float)
-    means = np.array([row["mean"] for row in points], dtype=float)
-    (line,) = ax.plot(margins, means, marker=marker, color=color, label=label, linewidth=1.8, markersize=5)
-    line.set_gid(series)
-    low = np.array([np.nan if row["ci_low"] is None else row["ci_low"] for row in points], dtype=float)
-    high = np.array([np.nan if row["ci_high"] is None else row["ci_high"] for row in points], dtype=float)
-    if np.isfinite(low).any():
-        band = ax.fill_between(margins, low, high, color=color, alpha=0.2, linewidth=0, label="_nolegend_")
-        band.set_gid(f"{series} ci")
-
-
-def _seed_note(rows: list[dict[str, Any]]) -> str:
-    seeds = sorted({row["n_seeds"] for row in rows})
-    if seeds == [1]:
-        return "one training seed per margin: no CI band"
-    return f"bands: 95% CI over {'/'.join(map(str, seeds))} training seeds (Student t)"
-
-
-def accuracy_figure(rows: list[dict[str, Any]], title: str, metric: str | None = None, ways: int | None = None,
-                    base_classes: int | None = None):
-    """Base accuracy and novel k-shot accuracy against the margin, one axis in %."""
+def _panels(figure, n: int):
     import seaborn as sns
 
-    series = [ACCURACY_SERIES] + sorted({row["series"] for row in rows if row["series"].startswith("novel ")
-                                         and row["series"].endswith("-shot")},
-                                        key=lambda name: int(name.split()[1].split("-")[0]))
-    colors = _palette(len(series))
-    base_way = f"{base_classes}-way" if base_classes else "all base classes"
-    novel_way = f"{ways}-way " if ways else ""
-    labels = {ACCURACY_SERIES: f"base classes (held-out images, {base_way})"}
-    figure = _new_figure(1, 6.4, 5.0)
+    cols = min(n, 3)
+    rows = -(-n // cols)
     with sns.axes_style("whitegrid"):
-        ax = figure.add_subplot(1, 1, 1)
-    for index, name in enumerate(series):
-        label = labels.get(name, f"novel classes, {novel_way}{name.split()[1]}")
-        _draw_series(ax, rows, name, label, colors[index], "osD^v"[index % 5])
-    _margin_axis(ax, metric)
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"{title}: accuracy against the margin\n{_seed_note(rows)}", fontsize=10)
-    figure.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize=8)
+        return [figure.add_subplot(rows, cols, i + 1) for i in range(n)]
+
+
+def _draw(ax, points: list[dict[str, Any]], value: str, low: str, high: str, color, label: str, seeds: bool,
+          dashed: bool = False) -> None:
+    """A mean line, its CI band where there is one, and (``seeds``) every seed's value as a point."""
+    margins = np.array([p["margin"] for p in points], dtype=float)
+    means = np.array([np.nan if p[value] is None else p[value] for p in points], dtype=float)
+    (line,) = ax.plot(margins, means, marker="o", color=color, label=label, linewidth=1.8, markersize=4,
+                      linestyle="--" if dashed else "-")
+    line.set_gid(label)
+    lows = np.array([np.nan if p[low] is None else p[low] for p in points], dtype=float)
+    highs = np.array([np.nan if p[high] is None else p[high] for p in points], dtype=float)
+    if np.isfinite(lows).any():
+        band = ax.fill_between(margins, lows, highs, color=color, alpha=0.18, linewidth=0, label="_nolegend_")
+        band.set_gid(f"{label} ci")
+    if seeds:
+        xs = [p["margin"] for p in points for _ in p["seed_values"].split()]
+        ys = [float(v) for p in points for v in p["seed_values"].split()]
+        ax.scatter(xs, ys, s=9, color=color, alpha=0.55, linewidths=0, label="_nolegend_")
+
+
+def _note(rows: list[dict[str, Any]]) -> str:
+    seeds = sorted({row["n_seeds"] for row in rows})
+    if max(seeds) < MIN_SEEDS_FOR_BAND:
+        return f"{'/'.join(map(str, seeds))} training seed(s) per margin: points are the seeds, no band"
+    return f"band: Student-t 95% CI over {'/'.join(map(str, seeds))} seeds (clipped to 0-100 %); points: the seeds"
+
+
+def delta_figure(rows: list[dict[str, Any]], title: str, metric: str | None = None):
+    """The figure that answers the paper's question: each accuracy's paired difference to m = 0 against the
+    margin, with its 95% CI band and the zero line; best-validation checkpoint solid, final dashed."""
+    names = [name for name in dict.fromkeys(r["quantity"] for r in rows) if "discriminability" not in name]
+    colors = dict(zip(names, _palette(len(names)), strict=True))
+    figure = _new_figure(min(len(names), 3), 4.3, 3.6 * -(-len(names) // 3))
+    for ax, name in zip(_panels(figure, len(names)), names, strict=True):
+        for pick, dashed in (("best", False), ("final", True)):
+            points = [r for r in rows if r["quantity"] == name and r["checkpoint"] == pick and r["delta"] is not None]
+            if points:
+                _draw(ax, points, "delta", "delta_ci_low", "delta_ci_high", colors[name],
+                      f"{pick} checkpoint", seeds=False, dashed=dashed)
+        ax.axhline(0.0, color="0.2", linewidth=1.0)
+        _margin_axis(ax, metric)
+        ax.set_ylabel("accuracy − accuracy at m = 0 (points)")
+        ax.set_title(name, fontsize=10)
+        ax.legend(fontsize=7, loc="best")
+    figure.suptitle(f"{title}: difference to m = 0, paired on the same episodes / images\n"
+                    "band: 95% CI pooled over seeds (Student t over the per-seed paired means)", fontsize=10)
+    return figure
+
+
+def accuracy_figure(rows: list[dict[str, Any]], title: str, metric: str | None = None):
+    """Novel accuracy of every task and base accuracy against the margin, one panel (and y-range) each;
+    best-validation checkpoint, with the final checkpoint dashed where it was meta-tested."""
+    names = [name for name in dict.fromkeys(r["quantity"] for r in rows) if "discriminability" not in name]
+    colors = dict(zip(names, _palette(len(names)), strict=True))
+    figure = _new_figure(min(len(names), 3), 4.3, 3.6 * -(-len(names) // 3))
+    for ax, name in zip(_panels(figure, len(names)), names, strict=True):
+        for pick, dashed in (("best", False), ("final", True)):
+            points = [r for r in rows if r["quantity"] == name and r["checkpoint"] == pick]
+            if points:
+                _draw(ax, points, "mean", "ci_low", "ci_high", colors[name], f"{pick} checkpoint",
+                      seeds=not dashed, dashed=dashed)
+        _margin_axis(ax, metric)
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(name if name != BASE else "base classes (held-out images)", fontsize=10)
+        ax.legend(fontsize=7, loc="best")
+    best = [r for r in rows if r["checkpoint"] == "best"]
+    figure.suptitle(f"{title}: accuracy against the margin\n{_note(best)}", fontsize=10)
     return figure
 
 
 def discriminability_figure(rows: list[dict[str, Any]], title: str, metric: str | None = None):
     """Base and novel discriminability against the margin, side by side (their scales differ)."""
-    import seaborn as sns
-
     colors = _palette(2)
     figure = _new_figure(2, 4.6, 4.0)
-    with sns.axes_style("whitegrid"):
-        axes = [figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)]
-    for ax, series, color, marker, heading in zip(
-        axes, DISCRIMINABILITY_SERIES, colors, "os", ("base classes (held-out images)", "novel classes"),
-        strict=True,
-    ):
-        _draw_series(ax, rows, series, series, color, marker)
+    for ax, name, color in zip(_panels(figure, 2), DISCRIMINABILITY, colors, strict=True):
+        points = [r for r in rows if r["quantity"] == name and r["checkpoint"] == "best"]
+        if points:
+            _draw(ax, points, "mean", "ci_low", "ci_high", color, name, seeds=True)
         _margin_axis(ax, metric)
         ax.set_ylabel("inter / intra-class variance ratio (unitless)")
-        ax.set_title(heading, fontsize=10)
-    figure.suptitle(f"{title}: feature discriminability (L2-normalised features)\n{_seed_note(rows)}", fontsize=10)
+        ax.set_title(name.replace("discriminability", "classes"), fontsize=10)
+    best = [r for r in rows if r["checkpoint"] == "best" and r["quantity"] in DISCRIMINABILITY]
+    figure.suptitle(f"{title}: feature discriminability (L2-normalised features), best-validation checkpoint\n"
+                    f"{_note(best or rows)}", fontsize=10)
     return figure
 
 
-def sweep_column(series: str) -> str:
-    """'novel 1-shot' -> 'novel_1shot', 'base accuracy' -> 'base_accuracy': a CSV column (and DVC plot y)."""
-    return series.replace("-shot", "shot").replace(" ", "_")
+def sweep_column(pick: str, quantity: str) -> str:
+    """('best', 'novel 5-way 1-shot') -> 'best_novel_5way_1shot': a CSV column (and a DVC plot's y)."""
+    return f"{pick}_" + quantity.replace("-way", "way").replace("-shot", "shot").replace(" ", "_")
 
 
 def sweep_rows(rows: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
-    """The long rows of margin_analysis.csv pivoted to one row per margin, one mean column per series
-    (the margin sweep as `dvc plots` draws it: x = margin, y = the accuracies)."""
-    series = list(dict.fromkeys(row["series"] for row in rows))
+    """margin_analysis.csv pivoted to one row per margin, one mean column per (checkpoint, accuracy): the
+    margin sweep as `dvc plots` draws it (x = margin, y = the accuracies)."""
+    accuracy = [r for r in rows if "discriminability" not in r["quantity"]]
+    columns = list(dict.fromkeys(sweep_column(r["checkpoint"], r["quantity"]) for r in accuracy))
     by_margin: dict[float, dict[str, Any]] = {}
-    for row in rows:
-        by_margin.setdefault(row["margin"], {"margin": row["margin"]})[sweep_column(row["series"])] = row["mean"]
-    return ["margin", *map(sweep_column, series)], [by_margin[m] for m in sorted(by_margin)]
+    for row in accuracy:
+        by_margin.setdefault(row["margin"], {"margin": row["margin"]})[
+            sweep_column(row["checkpoint"], row["quantity"])] = row["mean"]
+    return ["margin", *columns], [by_margin[m] for m in sorted(by_margin)]
 
 
 def plot_margins(metrics: dict[str, Any], dataset: str, arch: str, out_dir: str | os.PathLike) -> dict[str, list[Path]]:
-    """``accuracy_vs_margin`` and ``discriminability_vs_margin`` (PNG + SVG), ``margin_analysis.csv`` (long:
-    every plotted number with its CI) and ``margin_sweep.csv`` (wide: one row per margin, the means)."""
+    """``delta_vs_margin``, ``accuracy_vs_margin`` and ``discriminability_vs_margin`` (PNG + SVG),
+    ``margin_analysis.csv`` (long: every plotted number with its CI and paired difference) and
+    ``margin_sweep.csv`` (wide: one row per margin, the mean accuracies)."""
     out_dir = Path(out_dir)
     rows = margin_series(metrics, dataset, arch)
     if not rows:
         raise UserError(f"{dataset}/{arch}: the metrics hold no numbers to plot")
     metric = next((entry.get("metric") for entry in metrics["aggregate"]
                    if entry["dataset"] == dataset and entry["arch"] == arch), None)
-    runs = [run for run in dataset_runs(metrics, dataset) if run["arch"] == arch]
-    ways = {run.get("ways") for run in runs}
-    base_classes = {run.get("num_classes") for run in runs}
     title = f"{dataset} / {arch}"
     outputs = {"csv": [write_csv(out_dir / "margin_analysis.csv", MARGIN_CSV_FIELDS, rows),
                        write_csv(out_dir / "margin_sweep.csv", *sweep_rows(rows))]}
-    figure = accuracy_figure(rows, title, metric, ways=ways.pop() if len(ways) == 1 else None,
-                             base_classes=base_classes.pop() if len(base_classes) == 1 else None)
-    outputs["accuracy_vs_margin"] = save_figure(figure, out_dir / "accuracy_vs_margin")
-    figure = discriminability_figure(rows, title, metric)
-    outputs["discriminability_vs_margin"] = save_figure(figure, out_dir / "discriminability_vs_margin")
+    for stem, build in (("delta_vs_margin", delta_figure), ("accuracy_vs_margin", accuracy_figure),
+                        ("discriminability_vs_margin", discriminability_figure)):
+        outputs[stem] = save_figure(build(rows, title, metric), out_dir / stem)
     return outputs
 
 
