@@ -23,6 +23,7 @@ import argparse
 import io
 import json
 import math
+import os
 import platform
 import time
 from pathlib import Path
@@ -163,6 +164,10 @@ def cells(per_core: float) -> list[dict]:
     return rows
 
 
+def duration(hours: float) -> str:
+    return f"{hours * 60:.0f} min" if hours < 1 else f"{hours:.1f} h"
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| cell | images trained (base × epochs) | GPU time (derived) | prepared data | raw data | "
              "per run: checkpoints + features |", "|---|---:|---:|---:|---|---:|"]
@@ -171,7 +176,7 @@ def markdown(rows: list[dict]) -> str:
         base = "" if row["base_exact"] else "≈ "
         lines.append(
             f"| {row['dataset']} {row['arch']} | {base}{row['base_train_images']:,} × {row['epochs']} "
-            f"{'≈' if base else '='} {row['images_trained'] / 1e6:.2f} M | ≈ {row['gpu_hours']:.1f} h "
+            f"{'≈' if base else '='} {row['images_trained'] / 1e6:.2f} M | ≈ {duration(row['gpu_hours'])} "
             f"({row['bound']}-bound) | "
             f"{approx}{human_bytes(row['store_bytes'])} | {row['raw']} | "
             f"{human_bytes(row['checkpoints_bytes'])} + {approx}{human_bytes(row['features_bytes'])} |"
@@ -183,19 +188,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench/results/paper_cells.json")
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]  # other jobs on the machine slow the measured transform down
     per_core = augmentation_rate()
     torch.set_num_threads(2)
     rows = cells(per_core)
     result = {
         "assumed_gpu_flops": ASSUMED_GPU_FLOPS, "loader_workers": LOADER_WORKERS,
         "augmentation_img_s_per_core": round(per_core, 1), "training_step_forward_equivalents": 3,
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "machine": f"{platform.machine()}, {platform.python_version()}, torch {torch.__version__}",
         "cells": [{key: round(value, 4) if isinstance(value, float) else value for key, value in row.items()}
                   for row in rows],
         "markdown": markdown(rows),
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"imagenet84 training transform: {per_core:.0f} img/s per core (x {LOADER_WORKERS} workers)")
+    print(f"imagenet84 training transform: {per_core:.0f} img/s per core (x {LOADER_WORKERS} workers); load "
+          f"average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
     for row in rows:
         print(f"{row['dataset']} {row['arch']}: {row['forward_gflops']:.3f} GFLOPs forward, "
               f"{row['parameters']:,} parameters; compute {row['compute_bound_h']:.2f} h, "

@@ -81,8 +81,23 @@ def test_the_documents_quote_the_commands_users_run():
     assert "snakemake --cores all" in COMMANDS and "snakemake -n" in COMMANDS
     assert "snakemake --executor slurm --workflow-profile profiles/slurm --configfile=config/paper.yaml" in COMMANDS
     assert not [command for command in COMMANDS if "<" in command or "..." in command]
-    assert not [command for command in COMMANDS if re.search(r"--configfile [^-]", command)], (
-        "write --configfile=FILE: a target after `--configfile FILE` is read as a second config file")
+    assert not [command for command in COMMANDS if _swallowed_by_configfile(shlex.split(command))], (
+        "write --configfile=FILE or put targets first: a target after `--configfile FILE` is read as a config file")
+
+
+def _swallowed_by_configfile(words: list[str]) -> list[str]:
+    """Words after a bare `--configfile` that are not config files (targets it would take for config files)."""
+    if "--configfile" not in words:
+        return []
+    following = words[words.index("--configfile") + 1:]
+    taken = following[:next((i for i, word in enumerate(following) if word.startswith("-")), len(following))]
+    return [word for word in taken if not word.endswith((".yaml", ".yml", ".json"))]
+
+
+def test_the_guard_catches_a_target_after_configfile():
+    assert _swallowed_by_configfile(shlex.split("snakemake --configfile config/paper.yaml released")) == ["released"]
+    assert not _swallowed_by_configfile(shlex.split("snakemake released --configfile config/paper.yaml x.yaml"))
+    assert not _swallowed_by_configfile(shlex.split("snakemake --configfile=config/paper.yaml released"))
 
 
 @pytest.fixture(scope="module")
