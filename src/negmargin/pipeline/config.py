@@ -85,6 +85,7 @@ def declared_definitions() -> dict[str, Any]:
         metatest["properties"][key] = grid_schema(settings.field_of(cls, name), description, default)
     metatest["properties"]["finetune"] = {"$ref": "#/$defs/finetune", "default": {}}
     return {
+        "backbone": {"enum": list(ARCHS)},
         "arch": {"type": "string", "pattern": f"^(?:{MODEL_PATTERN})$",
                  "description": f"a backbone ({', '.join(ARCHS)}), optionally with -<variant> (e.g. conv4-softmax)"},
         "margin": _without_docs(settings.field_schema(settings.field_of(TrainConfig, "margin"))),
