@@ -3,10 +3,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from reference_metatest import reference_accuracies
+from reference_metatest import recompute_accuracies, recompute_coefficients, reference_accuracies
 
+from negmargin import metatest
 from negmargin.episodes import batch_schedule, initial_head_weights, sample_episodes
-from negmargin.metatest import finetune_and_predict, run_metatest
+from negmargin.metatest import basis_products, finetune_and_predict, finetune_coefficients, run_metatest
 from negmargin.options import FinetuneConfig
 from negmargin.stats import ci95
 
@@ -82,6 +83,31 @@ def test_batched_equals_reference(shots):
     reference = reference_accuracies(bank, episodes, config, init, positions, mask)
     np.testing.assert_allclose(batched, reference, atol=1e-9)
     assert 20 < batched.mean() < 100  # a real task, neither trivial nor broken
+
+
+@pytest.mark.parametrize("ways,shots", [(5, 1), (5, 5), (20, 1), (20, 5)])
+def test_incremental_equals_recompute(ways, shots, monkeypatch):
+    """The incremental program against the one that recomputes C·G at every step, over several passes."""
+    features, labels = _bank(classes=24, dim=48, seed=2, spread=1.5)
+    episodes = sample_episodes(labels, ways, shots, 15, 6, seed=4)
+    config = FinetuneConfig(steps=150)
+    init = initial_head_weights(episodes, features.shape[1])
+    bank = torch.from_numpy(features).double()
+    grams, _ = basis_products(
+        bank, torch.from_numpy(episodes.support), torch.from_numpy(episodes.query), torch.from_numpy(init)
+    )
+    positions, mask = (torch.from_numpy(a) for a in batch_schedule(episodes, config.steps, config.batch_size))
+    incremental = finetune_coefficients(grams, positions, mask, ways, shots, config)
+    recomputed = recompute_coefficients(grams, positions, mask, ways, shots, config)
+    assert recomputed[:, :, ways:].abs().max() > 0.1  # the heads took up support features
+    torch.testing.assert_close(incremental, recomputed, rtol=0, atol=1e-9 * recomputed.abs().max().item())
+    monkeypatch.setattr(metatest, "MIN_FINETUNE_BLOCK", 3)
+    monkeypatch.setattr(metatest, "FINETUNE_STATE_BYTES", 0)
+    threads = torch.get_num_threads()
+    accuracies = finetune_and_predict(bank, episodes, config, init, chunk=4)  # products by 4, blocks of 3
+    assert torch.get_num_threads() == threads  # the single-threaded fine-tuning restores the count
+    np.testing.assert_allclose(accuracies, recompute_accuracies(bank, episodes, config, init), atol=1e-9)
+    assert 100 / ways + 10 < accuracies.mean() < 100  # a real task, neither trivial nor broken
 
 
 def test_float32_batched_matches_reference_mean():
