@@ -5,12 +5,38 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
+from negmargin.data.store import write_split
 from negmargin.errors import UserError
 from negmargin.options import TrainConfig
 from negmargin.training import learning_rate, train
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and far faster than on two when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_rgb(tmp_path_factory):
+    """A prepared imagenet84 dataset of random 40x40 RGB images (trained at 32x32 to stay fast): base 4
+    classes x 24, val 5 classes x 16 (one 5-way 1-shot episode with 15 queries)."""
+    rng = np.random.default_rng(0)
+    data = tmp_path_factory.mktemp("rgb") / "toy"
+    for split, classes, per_class in (("base", 4, 24), ("val", 5, 16)):
+        images = rng.integers(0, 256, size=(classes * per_class, 40, 40, 3), dtype=np.uint8)
+        write_split(data / split, images, np.arange(classes * per_class) % classes,
+                    [f"{split}{c}" for c in range(classes)],
+                    meta={"dataset": "toy", "split": split, "pipeline": "imagenet84"})
+    return data
+
 
 FAST = dict(arch="conv4", margin=-0.1, temperature=10.0, epochs=4, batch_size=32, lr=0.05, lr_steps=(2, 3),
             warmup_iters=5, val_every=2, val_episodes=10, device="cpu", log_every=1000)
@@ -58,17 +84,20 @@ def test_resume_refuses_a_different_config(tiny_omniglot, tmp_path):
         train(tiny_omniglot, tmp_path / "run", TrainConfig(**{**FAST, "epochs": 1, "margin": 0.2}))
 
 
-def _cli(data, out, epochs):
+def _cli(data, out, epochs, *extra):
     return [sys.executable, "-m", "negmargin", "train", "--data", str(data), "--out", str(out), "--epochs", str(epochs),
             "--batch-size", "16", "--margin", "-0.1", "--lr-steps", "3", "--warmup-iters", "5", "--val-every", "2",
-            "--val-episodes", "5", "--device", "cpu", "--threads", "1"]
+            "--val-episodes", "5", "--device", "cpu", "--threads", "1", *extra]
 
 
-def test_resume_after_kill_is_bitwise_equal(tiny_omniglot, tmp_path):
+@pytest.mark.parametrize("dataset", ["omniglot", "imagenet84"])
+def test_resume_after_kill_is_bitwise_equal(dataset, tiny_omniglot, tiny_rgb, tmp_path):
+    """Omniglot as stored; imagenet84 with the batched augmentation (the default) at 32x32."""
+    data, extra = (tiny_omniglot, ()) if dataset == "omniglot" else (tiny_rgb, ("--image-size", "32"))
     epochs = 5
-    subprocess.run(_cli(tiny_omniglot, tmp_path / "full", epochs), check=True, capture_output=True)
+    subprocess.run(_cli(data, tmp_path / "full", epochs, *extra), check=True, capture_output=True)
     interrupted = tmp_path / "interrupted"
-    process = subprocess.Popen(_cli(tiny_omniglot, interrupted, epochs), stdout=subprocess.DEVNULL,
+    process = subprocess.Popen(_cli(data, interrupted, epochs, *extra), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline:  # kill as soon as epoch 2 is checkpointed
@@ -81,7 +110,7 @@ def test_resume_after_kill_is_bitwise_equal(tiny_omniglot, tmp_path):
     done = torch.load(interrupted / "last.pt", weights_only=True)["epoch"]
     assert 2 <= done < epochs, "the kill should land mid-run"
     assert not (interrupted / "train.json").exists()
-    result = subprocess.run(_cli(tiny_omniglot, interrupted, epochs), check=True, capture_output=True, text=True)
+    result = subprocess.run(_cli(data, interrupted, epochs, *extra), check=True, capture_output=True, text=True)
     assert f"resuming {interrupted} after epoch {done}/{epochs}" in result.stderr
     full = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
     resumed = torch.load(interrupted / "last.pt", weights_only=True)
@@ -89,3 +118,63 @@ def test_resume_after_kill_is_bitwise_equal(tiny_omniglot, tmp_path):
     for name, tensor in full["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name
     assert [r["loss"] for r in full["history"]] == [r["loss"] for r in resumed["history"]]
+    augment = json.loads((interrupted / "train.json").read_text())["config"]["augment"]
+    assert augment == (None if dataset == "omniglot" else "batched")
+
+
+def _same_run(first: dict, second: dict) -> bool:
+    """Equal weights and equal logged losses, accuracies and validations (not the timings)."""
+    timings = {"images_per_s", "epoch_s"}
+    rows = [[{k: v for k, v in row.items() if k not in timings} for row in ckpt["history"]] for ckpt in (first, second)]
+    return rows[0] == rows[1] and all(torch.equal(t, second["model"][name]) for name, t in first["model"].items())
+
+
+def test_omniglot_trains_bit_identically_on_both_paths(tiny_omniglot, tmp_path):
+    """Omniglot has no augmentation: the batched path (transform after the copy) equals the per-image
+    reference (transform in the loader), and the run records that the choice played no part."""
+    config = {**FAST, "epochs": 2}
+    train(tiny_omniglot, tmp_path / "batched", TrainConfig(**config, augment="batched"))
+    train(tiny_omniglot, tmp_path / "per_image", TrainConfig(**config, augment="per-image", num_workers=1))
+    batched = torch.load(tmp_path / "batched" / "last.pt", weights_only=True)
+    per_image = torch.load(tmp_path / "per_image" / "last.pt", weights_only=True)
+    assert _same_run(batched, per_image)
+    assert batched["config"]["augment"] is None
+
+
+RGB = {**FAST, "epochs": 1, "image_size": 32, "batch_size": 16, "val_episodes": 2}
+
+
+def test_where_the_data_is_kept_does_not_change_the_run(tiny_rgb, tmp_path):
+    streamed = train(tiny_rgb, tmp_path / "streamed", TrainConfig(**RGB, data_on_device="never"))
+    train(tiny_rgb, tmp_path / "resident", TrainConfig(**RGB, data_on_device="always"))
+    assert streamed["config"]["augment"] == "batched"
+    assert _same_run(*(torch.load(tmp_path / name / "last.pt", weights_only=True)
+                       for name in ("streamed", "resident")))
+
+
+def test_the_augmentation_path_is_part_of_the_run(tiny_rgb, tmp_path):
+    """Batched and per-image draw different augmentations, so a run cannot switch path when it resumes; a
+    run from before the setting existed counts as per-image."""
+    run = tmp_path / "run"
+    summary = train(tiny_rgb, run, TrainConfig(**RGB, augment="per-image"))
+    assert summary["config"]["augment"] == "per-image"
+    with pytest.raises(UserError, match="augment='per-image', but this run has augment='batched'"):
+        train(tiny_rgb, run, TrainConfig(**RGB, augment="batched"))
+    checkpoint = torch.load(run / "last.pt", weights_only=True)
+    del checkpoint["config"]["augment"]  # as written before the setting existed
+    torch.save(checkpoint, run / "last.pt")
+    train(tiny_rgb, run, TrainConfig(**RGB, augment="per-image"))  # complete: nothing to do, no error
+    with pytest.raises(UserError, match="augment='per-image', but this run has augment='batched'"):
+        train(tiny_rgb, run, TrainConfig(**RGB, augment="batched"))
+
+
+@pytest.mark.slow  # torch.compile builds C++ kernels on the CPU: about 1-2 minutes
+def test_a_compiled_model_trains_like_the_eager_one(tiny_omniglot, tmp_path):
+    config = {**FAST, "epochs": 1}
+    eager = train(tiny_omniglot, tmp_path / "eager", TrainConfig(**config))
+    compiled = train(tiny_omniglot, tmp_path / "compiled", TrainConfig(**config, compile=True))
+    assert compiled["config"]["compile"] is True
+    assert compiled["history"][0]["loss"] == pytest.approx(eager["history"][0]["loss"], rel=1e-4)
+    weights = [torch.load(tmp_path / name / "last.pt", weights_only=True)["model"] for name in ("eager", "compiled")]
+    for name, tensor in weights[0].items():
+        torch.testing.assert_close(weights[1][name], tensor, rtol=1e-3, atol=1e-4, msg=name)

@@ -27,6 +27,8 @@ DEVICE_PATTERN = r"auto|cpu|cuda(:[0-9]+)?"
 # A model of the grid: a backbone of ARCHS, optionally with a suffix naming a variant (conv4-softmax).
 MODEL_PATTERN = "(" + "|".join(ARCHS) + ")(-[a-z0-9_.]+)?"
 NAME_PATTERN = "[a-z0-9][a-z0-9_-]*"
+AUGMENT_PATHS = ("batched", "per-image")
+DATA_ON_DEVICE = ("auto", "always", "never")
 
 
 @dataclass(frozen=True)
@@ -71,13 +73,27 @@ class TrainConfig(Settings):
                        choices=("none", "bf16"), section="compute")
     channels_last: bool = setting(True, "channels-last memory format (faster convolutions)")
     num_workers: int = setting(0, "data-loader worker processes of training", minimum=0, section="compute")
+    augment: str = setting(
+        "batched", "how the `imagenet84` training augmentation runs: `batched` - whole batches at once on the "
+        "training device (negmargin.data.augment); `per-image` - the reference: torchvision v2 image by image "
+        "in the data loader. Same distribution, different random draws, so a run's results depend on it; "
+        "`omniglot` has no augmentation and gives the same results with both", choices=AUGMENT_PATHS,
+        section="train")
+    data_on_device: str = setting(
+        "auto", "keep the prepared uint8 base split in device memory and slice the batches there (`batched` "
+        "path): `auto` - on CUDA when the split takes at most half the free device memory; `always`; `never` "
+        "- read each batch from the memory map and copy it through pinned memory. Results are the same",
+        choices=DATA_ON_DEVICE, section="compute")
+    compile: bool = setting(False, "run the model through torch.compile (bench/README.md: it did not pay on "
+                            "the CPU; not measured on a GPU)", section="compute")
     checkpoint_every: int = setting(0, "also keep train/epoch_NNNN.pt every this many epochs; 0: never",
                                     minimum=0, section="train")
     log_every: int = setting(50, "iterations between progress lines when not on a terminal", minimum=1)
 
 
 # Settings that may change between an interrupted run and its resumption without changing the result.
-RESUMABLE_CHANGES = frozenset({"device", "num_workers", "log_every"})
+# compile is one of them in the sense device is: a compiled model computes the same function, rounded differently.
+RESUMABLE_CHANGES = frozenset({"device", "num_workers", "log_every", "data_on_device", "compile"})
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,13 @@
   (``val_seed``), with the meta-test protocol.
 * Resume: running the same command again continues from ``last.pt``. Batch order and augmentation are
   functions of (seed, epoch, batch), so the result equals an uninterrupted run (bitwise on CPU).
+* Input: :class:`negmargin.data.loader.TrainBatches` delivers each batch on the training device, augmented
+  there (``augment: batched``) or image by image in the loader (``per-image``, the reference);
+  ``train.json`` records which (``config.augment``; null for a pipeline without random augmentation).
+* Speed on a GPU: the loop reads nothing back from the device except on the iterations that print
+  progress, so the host can queue the next batches while the GPU computes; the loss and accuracy of the
+  epoch are summed on the device (in float64, in the same order as before, so the logged losses are the
+  same numbers).
 """
 
 from __future__ import annotations
@@ -30,8 +37,9 @@ import torch
 import torch.nn.functional as F
 
 from negmargin import __version__
-from negmargin.data.loader import epoch_loader
+from negmargin.data.loader import TrainBatches
 from negmargin.data.store import load_split
+from negmargin.data.transforms import is_random
 from negmargin.errors import UserError
 from negmargin.features import extract_features
 from negmargin.io import torch_save, write_json, write_text
@@ -57,7 +65,16 @@ class _State:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+def _progress_shown(iteration: int, total: int, every: int) -> bool:
+    """Iterations whose loss EpochProgress prints (every ``every``-th and the last; and the first, for a
+    terminal's bar, which shows the loss of the latest of them): the loss is read back from the device
+    only there."""
+    return iteration == 1 or iteration % every == 0 or iteration == total
+
+
 def _check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    if "augment" not in saved and current.get("augment") is not None:
+        saved = {**saved, "augment": "per-image"}  # runs from before the batched path had only this one
     for key in sorted(set(saved) | set(current)):
         if key in RESUMABLE_CHANGES:
             continue
@@ -112,6 +129,8 @@ def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Train
                      config.temperature, config.margin)
     config_record = {**config.to_dict(), "dataset": base.meta.get("dataset", data_dir.name),
                      "data": str(data_dir), "image_size": image_size, "num_classes": num_classes}
+    if not is_random(base.pipeline, train=True):
+        config_record["augment"] = None  # nothing random to augment: both paths give the same batches
 
     torch.manual_seed(config.seed)
     model = Classifier(spec)
@@ -130,24 +149,25 @@ def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Train
         print(f"resuming {out} after epoch {state.epoch}/{config.epochs}", file=sys.stderr, flush=True)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # speed; GPU runs are not bitwise reproducible anyway
+    step_model = torch.compile(model) if config.compile else model  # shares model's parameters
 
+    batches = TrainBatches(base, config.batch_size, config.seed, image_size, device, augment=config.augment,
+                           num_workers=config.num_workers, data_on_device=config.data_on_device)
     started = time.perf_counter()
     for epoch in range(state.epoch, config.epochs):
         model.train()
-        loader = epoch_loader(base, config.batch_size, config.seed, epoch, image_size, config.num_workers,
-                              pin_memory=device.type == "cuda")
-        progress = EpochProgress(len(loader), epoch + 1, config.epochs, config.log_every)
-        loss_sum, correct, seen, compute_s = 0.0, 0, 0, 0.0
+        progress = EpochProgress(len(batches), epoch + 1, config.epochs, config.log_every)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        seen, loss_value = 0, math.nan
         epoch_started = time.perf_counter()
-        for batch_index, (images, labels) in enumerate(loader):
-            tick = time.perf_counter()
+        for batch_index, (images, labels) in enumerate(batches.epoch(epoch)):
             lr = learning_rate(config, epoch, state.iteration)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            images = images.to(device, memory_format=memory_format, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
+            images = images.to(memory_format=memory_format)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp == "bf16"):
-                logits = model(images, labels)
+                logits = step_model(images, labels)
             loss = F.cross_entropy(logits.float(), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -157,11 +177,11 @@ def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Train
                 # Train accuracy without the margin: add back what the margin took from the target logit.
                 scores = logits.detach().float()
                 scores[torch.arange(len(labels), device=device), labels] += config.temperature * config.margin
-                correct += int((scores.argmax(1) == labels).sum())
-            loss_value = loss.item()
-            loss_sum += loss_value * len(labels)
+                correct += (scores.argmax(1) == labels).sum()
+                loss_sum += loss.detach().double() * len(labels)
             seen += len(labels)
-            compute_s += time.perf_counter() - tick
+            if _progress_shown(batch_index + 1, len(batches), config.log_every):
+                loss_value = loss.item()  # the one read-back that waits for the device
             elapsed = time.perf_counter() - epoch_started
             progress.update(batch_index + 1, loss_value, seen / max(elapsed, 1e-9))
         progress.close()
@@ -170,8 +190,8 @@ def train(data_dir: str | os.PathLike, out_dir: str | os.PathLike, config: Train
             "epoch": epoch + 1,
             "iterations": state.iteration,
             "lr": lr,
-            "loss": round(loss_sum / seen, 6),
-            "train_accuracy": round(100.0 * correct / seen, 4),
+            "loss": round(float(loss_sum) / seen, 6),
+            "train_accuracy": round(100.0 * int(correct) / seen, 4),
             "images_per_s": round(seen / epoch_s, 2),
             "epoch_s": round(epoch_s, 3),
         }

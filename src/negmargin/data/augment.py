@@ -57,7 +57,12 @@ class AugmentParams:
     order: torch.Tensor  # int64 [B, 3]: the jitter op (BRIGHTNESS, CONTRAST, SATURATION) of each slot
 
     def to(self, device: torch.device) -> AugmentParams:
-        return AugmentParams(*(t.to(device) for t in (self.boxes, self.flips, self.factors, self.order)))
+        """On ``device``; a copy to CUDA goes through pinned memory without waiting for the GPU (a plain copy
+        from pageable memory would stall the training loop once per batch)."""
+        tensors = (self.boxes, self.flips, self.factors, self.order)
+        if device.type == "cuda":
+            return AugmentParams(*(t.pin_memory().to(device, non_blocking=True) for t in tensors))
+        return AugmentParams(*(t.to(device) for t in tensors))
 
 
 def crop_boxes(count: int, height: int, width: int, generator: torch.Generator,
@@ -148,7 +153,9 @@ class BatchAugment:
         params = params.to(images.device)
         pixels = resized_crops(images, params.boxes, params.flips, self.image_size, self.method)
         pixels = color_jitter(pixels, params.factors, params.order)
-        return pixels.mul_(self._norm_scale.to(pixels.device)).add_(self._norm_shift.to(pixels.device))
+        if self._norm_scale.device != pixels.device:  # moved once, not once per batch
+            self._norm_scale, self._norm_shift = self._norm_scale.to(pixels.device), self._norm_shift.to(pixels.device)
+        return pixels.mul_(self._norm_scale).add_(self._norm_shift)
 
 
 def _check_images(images: torch.Tensor) -> None:
