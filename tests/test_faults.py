@@ -454,11 +454,12 @@ def config_repo(tmp_path_factory) -> Path:
         ({"run_datasets": ["imagenet1k"]},
          "run_datasets names 'imagenet1k': unknown dataset; allowed: cub, mini_imagenet, omniglot, tiered_imagenet"),
         ({"datasets": {"omniglot": {"archs": ["vgg16"]}}},
-         "datasets.omniglot.archs[0]: 'vgg16' is not one of ['conv4', 'resnet12']"),
+         "datasets.omniglot.archs[0]: 'vgg16' is not a valid name; allowed: a backbone (conv4, resnet12), "
+         "optionally with -<variant> (e.g. conv4-softmax)"),
         ({"metatest": {"episodes": 0}}, "metatest.episodes: 0 is less than the minimum of 1"),
         ({"metatest": {"episodes": -5}}, "metatest.episodes: -5 is less than the minimum of 1"),
-        ({"metatest": {"ways": 30}, "datasets": {"omniglot": {"prepare": {"options": {"max_classes": 20}}}}},
-         "metatest.ways is 30, but the novel split of omniglot has 20 classes (prepare.options.max_classes 20); "
+        ({"metatest": {"ways": [5, 30]}, "datasets": {"omniglot": {"prepare": {"options": {"max_classes": 20}}}}},
+         "metatest.ways 30: the novel split of omniglot has 20 classes (prepare.options.max_classes 20); "
          "allowed: 2 to 20"),
         ({"metatest": {"shots": [1, 10], "queries": 15}},
          "metatest.shots 10 + metatest.queries 15 = 25 images per class, but the novel split of omniglot has 20 "
