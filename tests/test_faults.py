@@ -454,7 +454,7 @@ def config_repo(tmp_path_factory) -> Path:
         ({"run_datasets": ["imagenet1k"]},
          "run_datasets names 'imagenet1k': unknown dataset; allowed: cub, mini_imagenet, omniglot, tiered_imagenet"),
         ({"datasets": {"omniglot": {"archs": ["vgg16"]}}},
-         "datasets.omniglot.archs[0]: 'vgg16' is not a valid name; allowed: a backbone (conv4, resnet12), "
+         "datasets.omniglot.archs[0]: 'vgg16': expected a backbone (conv4, resnet12), "
          "optionally with -<variant> (e.g. conv4-softmax)"),
         ({"metatest": {"episodes": 0}}, "metatest.episodes: 0 is less than the minimum of 1"),
         ({"metatest": {"episodes": -5}}, "metatest.episodes: -5 is less than the minimum of 1"),

@@ -369,7 +369,7 @@ def test_plan_of_the_released_target():
 @pytest.mark.parametrize(
     ("models", "message"),
     [({"conv4": {"checkpoint": "https://x/neg-margin_cub.pth", "log": "https://x/a.log.json"}},
-      "datasets.omniglot.released.models.conv4.checkpoint: 'https://x/neg-margin_cub.pth' does not match"),
+      "datasets.omniglot.released.models.conv4.checkpoint: 'https://x/neg-margin_cub.pth': expected URL of the .pth file"),
      ({"conv4": {"checkpoint": "https://x/m-5415a152.pth"}},
       "datasets.omniglot.released.models.conv4: 'log' is a required property"),
      ({"vgg": {"checkpoint": "https://x/m-5415a152.pth", "log": "https://x/a.json"}},

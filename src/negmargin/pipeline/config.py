@@ -151,7 +151,7 @@ def schema_problem(error) -> str:
         if {"number", "integer"} & set(expected):
             message += " (write the number without quotes)"
     elif error.validator == "pattern" and error.schema.get("description"):
-        message = f"{error.instance!r} is not a valid name; allowed: {error.schema['description']}"
+        message = f"{error.instance!r}: expected {error.schema['description']}"
     elif error.validator == "additionalProperties":
         allowed = sorted(error.schema.get("properties", {}))
         if allowed:
