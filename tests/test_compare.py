@@ -65,3 +65,42 @@ def test_a_file_on_one_side_only_fails(committed):
     Path("fresh/summary.md").unlink()
     with pytest.raises(Mismatch, match="summary.md: not regenerated"):
         compare_results("results", "fresh")
+
+
+def _set_environment(path: str, **changes) -> None:
+    metrics = json.loads(Path(path).read_text())
+    metrics["environment"] = {**metrics["environment"], **changes}
+    Path(path).write_text(json.dumps(metrics))
+
+
+def test_metrics_record_the_environment_the_numbers_hold_in(committed):
+    import torch
+
+    environment = json.loads(Path("results/metrics.json").read_text())["environment"]
+    assert environment["torch"] == torch.__version__
+    assert environment["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+
+
+def test_another_environment_compares_the_structure_only_and_says_so(committed, capsys):
+    _set_environment("results/metrics.json", cpu_capability="AVX2-elsewhere")
+    path = Path("fresh/metrics.json")
+    path.write_text(path.read_text().replace('"accuracy_mean": 60.0', '"accuracy_mean": 61.5', 1))
+    assert main(["results", "fresh"]) == 0
+    captured = capsys.readouterr()
+    assert "another environment" in captured.err and "AVX2-elsewhere" in captured.err
+    assert "numbers not compared" in captured.out
+    # --strict compares the numbers all the same
+    assert main(["results", "fresh", "--strict"]) == 1
+    # a missing run is still a failure in the other environment
+    metrics = json.loads(path.read_text())
+    metrics["runs"].pop()
+    path.write_text(json.dumps(metrics))
+    assert main(["results", "fresh"]) == 1
+
+
+def test_within_one_environment_an_edited_number_still_fails(committed):
+    _set_environment("results/metrics.json", torch="same")
+    _set_environment("fresh/metrics.json", torch="same")
+    path = Path("fresh/metrics.json")
+    path.write_text(path.read_text().replace('"accuracy_mean": 60.0', '"accuracy_mean": 61.5', 1))
+    assert main(["results", "fresh"]) == 1

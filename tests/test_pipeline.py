@@ -162,10 +162,10 @@ def test_a_named_config_keeps_its_own_folders():
     study = yaml.safe_load((REPO / "config" / "study.yaml").read_text())
     plan = Plan(validated(study))
     runs = list(plan.runs())
-    assert len(runs) == 7 * 3 + 5 * 3
+    assert len(runs) == 7 * 3 + 3 * 3
     assert plan.paths.prepared == "data/study/{dataset}/prepared.json"
     assert all(path.startswith("results/study/") for path in plan.final_outputs())
-    wildcards = run(dataset="omniglot", arch="conv4-softmax", margin="-2.0", seed="1")
+    wildcards = run(dataset="omniglot", arch="conv4-softmax", margin="-6.0", seed="1")
     flags = plan.train_args(wildcards)
     assert "--arch conv4 --model conv4-softmax --metric softmax --temperature 1.0 " in flags
     assert "--epochs 12 " in flags and "--lr-steps 7 10 " in flags

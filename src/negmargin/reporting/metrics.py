@@ -208,10 +208,25 @@ def assemble(runs: list[dict[str, Any]], arrays: dict[tuple, np.ndarray]) -> dic
         "format": METRICS_FORMAT,
         "paths": "relative to the repository root",
         "ci95": CI_NOTES,
+        "environment": environment(),
         "accuracy": accuracy_overview(aggregate),
         "runs": [{key: value for key, value in run.items() if key != "history"} for run in runs],
         "aggregate": aggregate,
     }
+
+
+def environment() -> dict[str, str]:
+    """What the numbers are bit-exact for: training on the CPU gives other rounding, and then other weights and
+    accuracies, under another torch or another CPU instruction set (measured: AVX2 against AVX-512 changes every
+    weight after one epoch), so CI compares numbers bit for bit only within one environment
+    (negmargin.reporting.compare). Recorded by the machine that assembles the metrics; the CPU runs of this
+    project run every job on one machine."""
+    import platform
+
+    import torch
+
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "machine": platform.machine()}
 
 
 def collect_metrics(run_dirs: Sequence[str | os.PathLike], root: str | os.PathLike = ".") -> dict[str, Any]:
