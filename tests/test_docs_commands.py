@@ -131,9 +131,10 @@ def test_a_documented_command_works_as_typed(command, clone):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", sorted(c for c in COMMANDS if "--report" in c))
+@pytest.mark.parametrize("command", sorted(c for c in COMMANDS if "--report" in c and "config/study.yaml" not in c))
 def test_a_documented_report_command_renders_the_tiny_run(command, e2e):
-    """`--report` needs finished outputs: it runs on the tiny run's, with its config added."""
+    """`--report` needs finished outputs: it runs on the tiny run's, with its config added. The study's report
+    command is left out: its grid and folders (results/study/) are not the tiny run's, and no tiny study exists."""
     result = _run([*shlex.split(command), "--configfile=.test/config.yaml"], e2e)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (e2e / "results" / "report.html").stat().st_size > 100_000

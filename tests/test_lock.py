@@ -15,13 +15,13 @@ from workflow_helpers import REPO, job_env, tool
 
 pytestmark = pytest.mark.slow
 
-COMMITTED_STAGES = ("workflow", "study")
 
 
 def test_dvc_lock_matches_the_code_and_config_of_this_checkout():
-    lock = yaml.safe_load((REPO / "dvc.lock").read_text())["stages"]
-    assert set(COMMITTED_STAGES) <= set(lock), f"dvc.lock lacks a stage: {sorted(lock)}"
-    result = subprocess.run([tool("dvc"), "status", "--json", *COMMITTED_STAGES], cwd=REPO, env=job_env(),
+    """Every stage in dvc.lock (the default's `workflow` always; `study` once its results are committed)."""
+    stages = sorted(yaml.safe_load((REPO / "dvc.lock").read_text())["stages"])
+    assert "workflow" in stages, f"dvc.lock lacks the default's stage: {stages}"
+    result = subprocess.run([tool("dvc"), "status", "--json", *stages], cwd=REPO, env=job_env(),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     status = json.loads(result.stdout or "{}")
