@@ -36,3 +36,15 @@ def e2e(tmp_path_factory) -> Path:
     repo = copy_workflow(tmp_path_factory.mktemp("e2e") / "repo")
     snakemake("--cores", "2", "--configfile", ".test/config.yaml", cwd=repo, timeout=1200)
     return repo
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny models run
+    fastest on one thread, and far faster than on two when other jobs share the cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
