@@ -1,20 +1,22 @@
-"""What each cell of the paper profile costs: GPU time and disk, derived (no GPU on this project's machines).
+"""What each cell of the paper profile costs: GPU time, measured and derived, and disk.
 
 For each (dataset, arch) of config/paper.yaml, from the profile's settings and the datasets' image counts:
 
 * images a training processes (base images x epochs), and forward passes for validation and features;
-* FLOPs of one forward pass at 84x84, counted by ``torch.utils.flop_counter`` on the real model (a training
-  step is taken as 3 forward passes: forward + backward);
-* a GPU-time estimate: the larger of (a) the FLOPs at an *assumed* sustained throughput of one GPU and (b)
-  the time the CPU input pipeline needs with the profile's 8 loader workers, at the per-core rate of the
-  ``imagenet84`` training transform measured here;
+* **measured** GPU time of one epoch and of the whole training: those image counts over the trainer img/s
+  that ``bash bench/bench_gpu.sh`` measured (``--gpu``, default bench/results/training_gpu.json; the
+  default input path, ``batched``: the base split in GPU memory, augmented there; bf16, channels_last).
+  Training only: the validation every few epochs, feature extraction and meta-tests are not in it;
+* FLOPs of one forward pass at 84x84, counted by ``torch.utils.flop_counter`` on the real model, and a
+  **derived** time at an *assumed* sustained throughput of a V100 (mmfewshot's 1x V100; a training step
+  taken as 3 forward passes), for readers on older GPUs;
 * disk: the prepared store (N x S^2 x 3 bytes, exact from the counts), the raw download, the checkpoints of
   a run (sizes of real ``torch.save`` checkpoints with model and SGD momentum) and its cached features.
 
 mmfewshot's training logs (download.openmmlab.com) cannot be fetched from this project's machines, so the
-GPU times are derived, not measured; the assumption is printed with them.
+V100 figures stay an estimate; the assumption is printed with them.
 
-    python bench/bench_paper_cells.py [--out bench/results/paper_cells.json]
+    python bench/bench_paper_cells.py [--gpu bench/results/training_gpu.json] [--out bench/results/paper_cells.json]
 """
 
 from __future__ import annotations
@@ -23,9 +25,7 @@ import argparse
 import io
 import json
 import math
-import os
 import platform
-import time
 from pathlib import Path
 
 import torch
@@ -33,13 +33,13 @@ import torch.nn.functional as F
 import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
-from negmargin.data.transforms import build_transform
 from negmargin.models import Classifier, ModelSpec
 
 REPO = Path(__file__).resolve().parents[1]
 ASSUMED_GPU_FLOPS = 5e12  # sustained fp32 FLOP/s of one V100 (mmfewshot's 1x V100) on these small convnets:
 # about a third of its 15.7 TFLOP/s peak. An assumption, not a measurement: A100/H100 are faster.
-LOADER_WORKERS = 8  # config/paper.yaml resources.train.threads: the data-loader workers of a training job
+GPU_PATH = "batched"  # the trainer's default input path (TrainConfig.augment, data_on_device auto)
+SETTING_OF_ARCH = {"conv4": "conv4_84", "resnet12": "resnet12_84"}  # bench/bench_training.py's settings
 
 # Images per split as prepared by the paper profile's defaults (docs/datasets.md), and where they come from.
 SPLITS = {
@@ -106,18 +106,24 @@ def checkpoint_bytes(spec: ModelSpec) -> tuple[int, int]:
     return sum(p.numel() for p in model.parameters()), buffer.getbuffer().nbytes
 
 
-def augmentation_rate(images: int = 1500) -> float:
-    """Images per second of the imagenet84 training transform on one CPU thread, 96x96 stored images."""
-    torch.set_num_threads(1)
-    transform = build_transform("imagenet84", train=True, image_size=84, stored_size=96)
-    stored = torch.randint(0, 256, (64, 3, 96, 96), dtype=torch.uint8)
-    torch.manual_seed(0)
-    for image in stored[:16]:
-        transform(image)  # warm-up
-    start = time.perf_counter()
-    for index in range(images):
-        transform(stored[index % 64])
-    return images / (time.perf_counter() - start)
+def measured_gpu(path: Path) -> dict:
+    """The GPU bench's trainer img/s per arch on the default input path (the best of its rounds), and what
+    it ran on."""
+    bench = json.loads(path.read_text())
+    if bench.get("device") != "cuda":
+        raise SystemExit(f"{path}: expected a GPU run of bench/bench_training.py (device cuda), "
+                         f"found device {bench.get('device')!r}")
+    rates = {}
+    for arch, setting in SETTING_OF_ARCH.items():
+        runs = [row["trainer_img_s"] for row in bench["results"]
+                if row["setting"] == setting and row["path"] == GPU_PATH]
+        if not runs:
+            raise SystemExit(f"{path}: no {setting} run on the {GPU_PATH} path")
+        rates[arch] = max(runs)
+    machine = bench["machine"]
+    return {"file": str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path),
+            "gpu": machine.get("gpu"), "torch": machine.get("torch"), "amp": bench.get("amp"),
+            "channels_last": bench.get("channels_last"), "path": GPU_PATH, "trainer_img_s": rates}
 
 
 def human_bytes(n: float) -> str:
@@ -128,7 +134,7 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def cells(per_core: float) -> list[dict]:
+def cells(gpu: dict) -> list[dict]:
     config = merged_paper_config()
     rows = []
     for dataset in config["run_datasets"]:
@@ -148,15 +154,15 @@ def cells(per_core: float) -> list[dict]:
             validations = epochs // val_every + (1 if epochs % val_every else 0)
             trained = base_train * epochs
             forward_only = validations * counts["val"] + counts["novel"] + counts["base_holdout"]
-            compute_s = (3 * trained + forward_only) * flops / ASSUMED_GPU_FLOPS
-            input_s = trained / (LOADER_WORKERS * per_core)
+            derived_s = (3 * trained + forward_only) * flops / ASSUMED_GPU_FLOPS
+            rate = gpu["trainer_img_s"][arch]
             dim = Classifier(spec).feature_dim
             features = (counts["novel"] + counts["base_holdout"]) * dim * 4
             rows.append({
                 "dataset": dataset, "arch": arch, "epochs": epochs, "base_train_images": base_train,
                 "images_trained": trained, "forward_only_images": forward_only, "forward_gflops": flops / 1e9,
-                "parameters": params, "compute_bound_h": compute_s / 3600, "input_bound_h": input_s / 3600,
-                "gpu_hours": max(compute_s, input_s) / 3600, "bound": "GPU" if compute_s >= input_s else "input",
+                "parameters": params, "gpu_trainer_img_s": rate, "gpu_epoch_min": base_train / rate / 60,
+                "gpu_training_h": trained / rate / 3600, "v100_derived_h": derived_s / 3600,
                 "store_bytes": store_images * stored * stored * 3, "raw": counts["raw"],
                 "raw_bytes": counts["raw_bytes"], "checkpoints_bytes": 3 * checkpoint,
                 "features_bytes": features, "counts_exact": counts["exact"], "base_exact": counts["exact_base"],
@@ -168,16 +174,21 @@ def duration(hours: float) -> str:
     return f"{hours * 60:.0f} min" if hours < 1 else f"{hours:.1f} h"
 
 
+def seconds(value: float) -> str:
+    return f"{value:.0f} s" if value < 90 else f"{value / 60:.1f} min"
+
+
 def markdown(rows: list[dict]) -> str:
-    lines = ["| cell | images trained (base × epochs) | GPU time (derived) | prepared data | raw data | "
-             "per run: checkpoints + features |", "|---|---:|---:|---:|---|---:|"]
+    lines = ["| cell | images trained (base × epochs) | one epoch, H200 (measured) | training, H200 (measured) | "
+             "training, V100 (derived) | prepared data | raw data | per run: checkpoints + features |",
+             "|---|---:|---:|---:|---:|---:|---|---:|"]
     for row in rows:
         approx = "" if row["counts_exact"] else "≈ "
         base = "" if row["base_exact"] else "≈ "
         lines.append(
             f"| {row['dataset']} {row['arch']} | {base}{row['base_train_images']:,} × {row['epochs']} "
-            f"{'≈' if base else '='} {row['images_trained'] / 1e6:.2f} M | ≈ {duration(row['gpu_hours'])} "
-            f"({row['bound']}-bound) | "
+            f"{'≈' if base else '='} {row['images_trained'] / 1e6:.2f} M | {seconds(row['gpu_epoch_min'] * 60)} | "
+            f"{duration(row['gpu_training_h'])} | ≈ {duration(row['v100_derived_h'])} | "
             f"{approx}{human_bytes(row['store_bytes'])} | {row['raw']} | "
             f"{human_bytes(row['checkpoints_bytes'])} + {approx}{human_bytes(row['features_bytes'])} |"
         )
@@ -186,30 +197,29 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpu", type=Path, default=REPO / "bench" / "results" / "training_gpu.json",
+                        help="the JSON that bash bench/bench_gpu.sh wrote (default: the committed H200 run)")
     parser.add_argument("--out", default="bench/results/paper_cells.json")
     args = parser.parse_args()
-    load_before = os.getloadavg()[0]  # other jobs on the machine slow the measured transform down
-    per_core = augmentation_rate()
+    gpu = measured_gpu(args.gpu.resolve())
     torch.set_num_threads(2)
-    rows = cells(per_core)
+    rows = cells(gpu)
     result = {
-        "assumed_gpu_flops": ASSUMED_GPU_FLOPS, "loader_workers": LOADER_WORKERS,
-        "augmentation_img_s_per_core": round(per_core, 1), "training_step_forward_equivalents": 3,
-        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "gpu_measured": gpu, "assumed_v100_flops": ASSUMED_GPU_FLOPS, "training_step_forward_equivalents": 3,
         "machine": f"{platform.machine()}, {platform.python_version()}, torch {torch.__version__}",
         "cells": [{key: round(value, 4) if isinstance(value, float) else value for key, value in row.items()}
                   for row in rows],
         "markdown": markdown(rows),
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"imagenet84 training transform: {per_core:.0f} img/s per core (x {LOADER_WORKERS} workers); load "
-          f"average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
+    print(f"measured on {gpu['gpu']} (torch {gpu['torch']}, {gpu['amp']}, {gpu['path']} path): trainer img/s "
+          + ", ".join(f"{arch} {rate:,.0f}" for arch, rate in gpu["trainer_img_s"].items()))
     for row in rows:
         print(f"{row['dataset']} {row['arch']}: {row['forward_gflops']:.3f} GFLOPs forward, "
-              f"{row['parameters']:,} parameters; compute {row['compute_bound_h']:.2f} h, "
-              f"input {row['input_bound_h']:.2f} h")
+              f"{row['parameters']:,} parameters; training {row['gpu_training_h']:.2f} h measured, "
+              f"{row['v100_derived_h']:.2f} h derived for a V100")
     print(result["markdown"])
-    assert math.isfinite(sum(row["gpu_hours"] for row in rows))
+    assert math.isfinite(sum(row["gpu_training_h"] + row["v100_derived_h"] for row in rows))
 
 
 if __name__ == "__main__":
