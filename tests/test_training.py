@@ -163,11 +163,28 @@ def test_the_augmentation_path_is_part_of_the_run(tiny_rgb, tmp_path):
 
 @pytest.mark.slow  # torch.compile builds C++ kernels on the CPU: about 1-2 minutes
 def test_a_compiled_model_trains_like_the_eager_one(tiny_omniglot, tmp_path):
-    config = {**FAST, "epochs": 1}
+    """One SGD step from the same weights on the same batch: the compiled model's loss equals the eager one's
+    and its update of every weight tensor agrees with the eager update. One step, not an epoch: inductor's
+    fused batch norm sums in another order, and over several steps SGD amplifies that (CI saw the mean loss
+    of a 6-step epoch differ by 0.5 %, 2.0581 against 2.0467), which says nothing about compile's correctness.
+    Even in one step, batch norm's backward cancels large terms: measured here, the compiled update differed
+    from the eager one by 0.03 % (head) to 4.2 % (first conv) of its norm; a dropped margin, another learning
+    rate or an update that does not reach the shared parameters differs by 100 % or more."""
+    config = {**FAST, "epochs": 1, "batch_size": 1024}  # one batch holds the whole tiny base split (192 images)
     eager = train(tiny_omniglot, tmp_path / "eager", TrainConfig(**config))
     compiled = train(tiny_omniglot, tmp_path / "compiled", TrainConfig(**config, compile=True))
+    # the starting weights: the same run with a step too small to move a float32 weight
+    train(tiny_omniglot, tmp_path / "start", TrainConfig(**{**config, "lr": 1e-12}))
     assert compiled["config"]["compile"] is True
+    assert eager["history"][0]["iterations"] == compiled["history"][0]["iterations"] == 1
     assert compiled["history"][0]["loss"] == pytest.approx(eager["history"][0]["loss"], rel=1e-4)
-    weights = [torch.load(tmp_path / name / "last.pt", weights_only=True)["model"] for name in ("eager", "compiled")]
-    for name, tensor in weights[0].items():
-        torch.testing.assert_close(weights[1][name], tensor, rtol=1e-3, atol=1e-4, msg=name)
+    start, after_eager, after_compiled = (
+        torch.load(tmp_path / name / "last.pt", weights_only=True)["model"] for name in ("start", "eager", "compiled"))
+    # weights only: the conv biases feed batch norm, which cancels them (their gradient is rounding noise)
+    names = [name for name in start if name.endswith(".weight")]
+    assert len(names) == 9  # 4 conv, 4 batch norm, the head
+    for name in names:
+        update = after_eager[name] - start[name]
+        assert update.norm() > 0, name
+        error = (after_compiled[name] - after_eager[name]).norm() / update.norm()
+        assert error < 0.15, f"{name}: compiled update differs from eager by {100 * error:.1f} % of its norm"
