@@ -178,8 +178,9 @@ def seconds(value: float) -> str:
     return f"{value:.0f} s" if value < 90 else f"{value / 60:.1f} min"
 
 
-def markdown(rows: list[dict]) -> str:
-    lines = ["| cell | images trained (base × epochs) | one epoch, H200 (measured) | training, H200 (measured) | "
+def markdown(rows: list[dict], gpu_name: str) -> str:
+    name = gpu_name.removeprefix("NVIDIA ")  # the GPU the bench ran on, as torch names it
+    lines = [f"| cell | images trained (base × epochs) | one epoch, {name} (measured) | training, {name} (measured) | "
              "training, V100 (derived) | prepared data | raw data | per run: checkpoints + features |",
              "|---|---:|---:|---:|---:|---:|---|---:|"]
     for row in rows:
@@ -209,7 +210,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {platform.python_version()}, torch {torch.__version__}",
         "cells": [{key: round(value, 4) if isinstance(value, float) else value for key, value in row.items()}
                   for row in rows],
-        "markdown": markdown(rows),
+        "markdown": markdown(rows, gpu["gpu"]),
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"measured on {gpu['gpu']} (torch {gpu['torch']}, {gpu['amp']}, {gpu['path']} path): trainer img/s "
