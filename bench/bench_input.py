@@ -3,7 +3,8 @@
 Same images for both: random uint8 96x96 RGB images stored NHWC as the prepared splits are, seen as NCHW
 (the loader's ``permute``), batches of 64, output 84x84. The per-image side is the loader's current path
 (``build_transform("imagenet84", train=True)`` image by image, then ``torch.stack``); the batched side is
-``negmargin.data.augment.BatchAugment`` with each crop/resize method. Rounds alternate between the
+``negmargin.data.augment.BatchAugment`` with each crop/resize method (the top-level ``batched_img_s`` and
+``ratio`` are those of the device's default, ``augment.default_method``). Rounds alternate between the
 implementations and the median round counts, so a drift of the machine's speed hits all of them alike;
 on the CPU the rounds are timed twice, by the wall clock (the figures reported) and by the process's CPU
 time (``cpu_time_ratio``, which leaves out waiting for a core on a shared machine). The load average at
@@ -35,7 +36,14 @@ import torch.nn.functional as F
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from negmargin.data.augment import METHODS, BatchAugment, _sampling_grid, affine_thetas, resized_crops
+from negmargin.data.augment import (
+    METHODS,
+    BatchAugment,
+    _sampling_grid,
+    affine_thetas,
+    default_method,
+    resized_crops,
+)
 from negmargin.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform
 from negmargin.io import write_json
 
@@ -101,7 +109,7 @@ def measure_speed(threads: int, batches: list[torch.Tensor], rounds: int, device
                              "ratio": round(seconds["per_image"] / seconds[method], 2)}
         if cpu_seconds is not None:
             by_method[method]["cpu_time_ratio"] = round(cpu_seconds["per_image"] / cpu_seconds[method], 2)
-    default = METHODS[0]
+    default = default_method(device)
     return {"device": str(device), "threads": threads, "per_image_img_s": round(per_image_rate, 1),
             "batched_img_s": by_method[default]["img_s"], "ratio": by_method[default]["ratio"],
             "method": default, "by_method": by_method, "load_average": round(os.getloadavg()[0], 2)}

@@ -18,8 +18,10 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from negmargin.data.augment import (
+    METHODS,
     AugmentParams,
     BatchAugment,
+    Workspace,
     _sampling_grid,
     affine_thetas,
     color_jitter,
@@ -191,7 +193,7 @@ def test_jitter_equals_torchvision_given_its_parameters():
     assert torch.equal(ours, reference.float())
 
 
-@pytest.mark.parametrize("method", ["grid_sample", "roi_align"])
+@pytest.mark.parametrize("method", METHODS)
 def test_whole_pipeline_close_to_torchvision_given_its_parameters(method):
     """Same parameters, same images. Crops that are not downscaled (where torchvision's antialias changes
     nothing) differ only by the rounding of the uint8 kernel's intermediate pass: at most 1 level, mean
@@ -204,7 +206,7 @@ def test_whole_pipeline_close_to_torchvision_given_its_parameters(method):
     gap = (ours_resized - resized.float()).abs()
     downscaled = (params.boxes[:, 2:] > SIZE).any(dim=1)
     assert 0 < int(downscaled.sum()) < len(images)
-    inner = gap[~downscaled] if method == "grid_sample" else gap[~downscaled][:, :, 2:-2, 2:-2]
+    inner = gap[~downscaled] if method != "roi_align" else gap[~downscaled][:, :, 2:-2, 2:-2]
     assert inner.max() <= 1 and gap[~downscaled].mean() < 0.25
     assert gap[downscaled].mean() < 0.6
 
@@ -264,7 +266,7 @@ def test_channel_statistics_test_detects_a_stronger_jitter(repeated_images, v2_s
     assert distance > ks_critical(IMAGE_SAMPLES, IMAGE_SAMPLES)
 
 
-@pytest.mark.parametrize("method", ["grid_sample", "roi_align"])
+@pytest.mark.parametrize("method", METHODS)
 def test_same_generator_state_same_output_bit_for_bit(method):
     images = natural_images(16, seed=12)
     augment = BatchAugment(SIZE, IMAGENET_MEAN, IMAGENET_STD, method=method)
@@ -281,9 +283,38 @@ def test_methods_sample_the_same_points():
     images = natural_images(64, seed=15)
     params = BatchAugment(SIZE, IMAGENET_MEAN, IMAGENET_STD).draw(64, 96, 96, torch.Generator().manual_seed(16))
     by_grid = resized_crops(images, params.boxes, params.flips, SIZE, "grid_sample")
+    by_gather = resized_crops(images, params.boxes, params.flips, SIZE, "gather")
+    gap = (by_grid - by_gather).abs()
+    assert gap.max() <= 1 and (gap > 0).float().mean() < 0.01  # float rounding at .5 only
     by_roi = resized_crops(images, params.boxes, params.flips, SIZE, "roi_align")
     gap = (by_grid - by_roi).abs()[:, :, 2:-2, 2:-2]  # roi_align does not clamp to the box at the edges
-    assert gap.max() <= 1 and (gap > 0).float().mean() < 0.01  # float rounding at .5 only
+    assert gap.max() <= 1 and (gap > 0).float().mean() < 0.01
+
+
+def test_gather_keeps_its_work_in_one_workspace_across_batches():
+    """The workspace a BatchAugment keeps: the second batch allocates nothing new in it, a smaller last
+    batch reuses it, and the result does not depend on what an earlier batch left there."""
+    images = natural_images(48, seed=21)
+    augment = BatchAugment(SIZE, IMAGENET_MEAN, IMAGENET_STD)
+    fresh = [BatchAugment(SIZE, IMAGENET_MEAN, IMAGENET_STD)(batch, torch.Generator().manual_seed(22))
+             for batch in (images[:32], images[32:])]
+    first = augment(images[:32], torch.Generator().manual_seed(22))
+    pointers = {name: buffer.data_ptr() for name, buffer in augment._workspace._buffers.items()}
+    assert set(pointers) == {"picked", "columns", "scratch"}
+    last = augment(images[32:], torch.Generator().manual_seed(22))  # 16 images
+    assert {name: buffer.data_ptr() for name, buffer in augment._workspace._buffers.items()} == pointers
+    assert torch.equal(first, fresh[0]) and torch.equal(last, fresh[1])
+    again = augment(images[:32], torch.Generator().manual_seed(22))
+    assert torch.equal(again, first) and again.data_ptr() != first.data_ptr()  # a new tensor each batch
+
+
+def test_workspace_grows_and_changes_dtype_on_demand():
+    workspace = Workspace()
+    small = workspace.take("a", (2, 3), torch.float32, torch.device("cpu"))
+    assert small.shape == (2, 3)
+    assert workspace.take("a", (3,), torch.float32, torch.device("cpu")).data_ptr() == small.data_ptr()
+    assert workspace.take("a", (4, 4), torch.float32, torch.device("cpu")).numel() == 16
+    assert workspace.take("a", (4,), torch.uint8, torch.device("cpu")).dtype == torch.uint8
 
 
 def test_grid_equals_affine_grid_and_flip_mirrors():
@@ -297,7 +328,7 @@ def test_grid_equals_affine_grid_and_flip_mirrors():
     reference[..., 1] = reference[..., 1].clamp(min=(2 * top + 1) / 90 - 1, max=(2 * (top + crop_h) - 1) / 90 - 1)
     torch.testing.assert_close(grid, reference, rtol=0, atol=1e-6)
     images = natural_images(32, seed=18)[:, :, :90, :70]
-    for method in ("grid_sample", "roi_align"):
+    for method in METHODS:
         straight = resized_crops(images, params.boxes, torch.zeros(32, dtype=torch.bool), SIZE, method)
         mirrored = resized_crops(images, params.boxes, torch.ones(32, dtype=torch.bool), SIZE, method)
         assert (straight.flip(-1) - mirrored).abs().max() <= 1  # equal up to float rounding at .5
@@ -314,7 +345,7 @@ def test_cuda_draws_the_cpu_parameters_and_repeats_bit_for_bit():
 
 
 @pytest.mark.parametrize("bad", [torch.zeros(2, 3, 8, 8), torch.zeros(2, 1, 8, 8, dtype=torch.uint8),
-                                 torch.zeros(3, 8, 8, dtype=torch.uint8)])
+                                 torch.zeros(3, 8, 8, dtype=torch.uint8), torch.zeros(2, 3, 1, 8, dtype=torch.uint8)])
 def test_rejects_input_it_cannot_augment(bad):
     with pytest.raises(UserError, match=r"expected uint8 \[batch, 3, height, width\]"):
         BatchAugment(SIZE, IMAGENET_MEAN, IMAGENET_STD)(bad, torch.Generator())
